@@ -1,0 +1,70 @@
+"""flowmath: the mathematics of normalizing flows, verified numerically.
+
+Public names only; see ``DESIGN.md`` section 2 for the contract.
+"""
+
+from . import data, dequantize, estimators, nets, ode, testing, train
+from .distributions import Flow, StandardLogistic, StandardNormal
+from .layers import (
+    ELU,
+    CNF,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Bijection,
+    BlockDiagonalLinear,
+    Chain,
+    DiagonalLinear,
+    EmergingConv2d,
+    FullLinear,
+    Glow,
+    GlowStep,
+    InvConv1x1,
+    IResBlock,
+    LeakyReLU,
+    Logit,
+    LULinear,
+    PeriodicConv2d,
+    Sigmoid,
+    Squeeze,
+    TriangularLinear,
+)
+from .ode import odeint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNF",
+    "ELU",
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Bijection",
+    "BlockDiagonalLinear",
+    "Chain",
+    "DiagonalLinear",
+    "EmergingConv2d",
+    "Flow",
+    "FullLinear",
+    "Glow",
+    "GlowStep",
+    "IResBlock",
+    "InvConv1x1",
+    "LULinear",
+    "LeakyReLU",
+    "Logit",
+    "PeriodicConv2d",
+    "Sigmoid",
+    "Squeeze",
+    "StandardLogistic",
+    "StandardNormal",
+    "TriangularLinear",
+    "data",
+    "dequantize",
+    "estimators",
+    "nets",
+    "ode",
+    "odeint",
+    "testing",
+    "train",
+]
