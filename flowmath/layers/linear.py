@@ -1,39 +1,317 @@
-"""PLACEHOLDER: being written by a helper; replaced before any commit that claims the feature."""
+"""Invertible linear layers on vectors, each at the cost the theory promises.
 
-from .base import Bijection
+All map a batch ``x`` of shape ``(n, d)`` to ``y = x W^T + b`` (``y_i = W x_i + b``), with
+
+.. math:: \\log |\\det J| = \\log |\\det W|.
+
+=====================  ==================  ====================
+layer                  inverse             log-det
+=====================  ==================  ====================
+FullLinear             O(d^3) (LU solve)   O(d^3) (slogdet)
+DiagonalLinear         O(d)                O(d)
+TriangularLinear       O(d^2) (subst.)     O(d) (diagonal)
+BlockDiagonalLinear    O(c^3 d) (blocks)   O(c^3 d)
+LULinear               O(d^2) (two subst.) O(d): sum log|s|
+=====================  ==================  ====================
+
+Parametrisations keep the structured layers invertible for every parameter value (diagonals
+are ``exp`` of a free parameter); the full and block layers hold plain matrices and raise a
+``ValueError`` when a weight is singular rather than returning inf or NaN.
+
+References
+----------
+Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039 (the LU parametrisation).
+"""
+
+from __future__ import annotations
+
+import autograd.numpy as anp
+import numpy as np
+from autograd.scipy.linalg import solve_triangular
+
+from .._checks import check_int
+from .._xp import getval
+from .base import VECTOR, Bijection
+
+__all__ = ["BlockDiagonalLinear", "DiagonalLinear", "FullLinear", "LULinear", "TriangularLinear"]
 
 
-
-class BlockDiagonalLinear(Bijection):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("BlockDiagonalLinear is not built yet")
-
-    _init = _forward = _inverse = None
+def _affine(x, W, b):
+    return anp.dot(x, anp.transpose(W)) + b
 
 
-class DiagonalLinear(Bijection):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("DiagonalLinear is not built yet")
+def _ones(x, value):
+    """``value`` broadcast to the batch, shape ``(n,)``, in ``x``'s dtype."""
+    return anp.zeros(x.shape[0], dtype=getval(x).dtype) + value
 
-    _init = _forward = _inverse = None
+
+def _check_nonsingular(sign, name, layer):
+    sign = np.asarray(getval(sign))
+    if np.any(sign == 0):
+        raise ValueError(
+            f"`params['{name}']` must be non-singular: {layer} needs an invertible weight; "
+            f"got a matrix with determinant 0"
+        )
 
 
 class FullLinear(Bijection):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("FullLinear is not built yet")
+    """Dense ``y = W x + b``; inverse by an LU solve, log-det by ``slogdet`` (both O(d^3)).
 
-    _init = _forward = _inverse = None
+    ``init`` draws ``W = Q diag(exp(e))`` with ``Q`` a Haar-random orthogonal matrix and
+    ``e ~ N(0, 0.3^2)``: a generic, well-conditioned map.
+
+    Examples
+    --------
+    >>> import numpy as np, flowmath as fm
+    >>> rng = np.random.default_rng(0)
+    >>> layer = fm.FullLinear()
+    >>> x = rng.normal(size=(4, 3))
+    >>> params = layer.init(rng, x)
+    >>> y, logdet = layer.forward(params, x)
+    >>> bool(np.allclose(logdet, np.linalg.slogdet(params["W"])[1]))
+    True
+    """
+
+    event_ndims = VECTOR
+
+    def _init(self, rng, x):
+        d = x.shape[1]
+        q, r = np.linalg.qr(rng.normal(size=(d, d)))
+        q = q * np.sign(np.diag(r))
+        W = q * np.exp(0.3 * rng.normal(size=d))
+        return {"W": W, "b": 0.1 * rng.normal(size=d)}
+
+    def _event_shape(self, params):
+        return (getval(params["W"]).shape[0],)
+
+    def _logdet(self, W):
+        sign, logabs = anp.linalg.slogdet(W)
+        _check_nonsingular(sign, "W", "FullLinear")
+        return logabs
+
+    def _forward(self, params, x, rng):
+        W = params["W"]
+        return _affine(x, W, params["b"]), _ones(x, self._logdet(W))
+
+    def _inverse(self, params, y, rng):
+        W = params["W"]
+        logabs = self._logdet(W)
+        x = anp.transpose(anp.linalg.solve(W, anp.transpose(y - params["b"])))
+        return x, _ones(y, -logabs)
 
 
-class LULinear(Bijection):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("LULinear is not built yet")
+class DiagonalLinear(Bijection):
+    """Elementwise scale and shift ``y = exp(log_scale) * x + b``; O(d) both ways.
 
-    _init = _forward = _inverse = None
+    .. math:: \\log|\\det J| = \\sum_i \\mathrm{log\\_scale}_i.
+    """
+
+    event_ndims = VECTOR
+
+    def _init(self, rng, x):
+        d = x.shape[1]
+        return {"log_scale": 0.3 * rng.normal(size=d), "b": 0.1 * rng.normal(size=d)}
+
+    def _event_shape(self, params):
+        return (getval(params["log_scale"]).shape[0],)
+
+    def _forward(self, params, x, rng):
+        s = params["log_scale"]
+        return anp.exp(s) * x + params["b"], _ones(x, anp.sum(s))
+
+    def _inverse(self, params, y, rng):
+        s = params["log_scale"]
+        return (y - params["b"]) * anp.exp(-s), _ones(y, -anp.sum(s))
 
 
 class TriangularLinear(Bijection):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("TriangularLinear is not built yet")
+    """Triangular ``W = T + diag(exp(log_diag))`` with ``T`` strictly lower (or upper).
 
-    _init = _forward = _inverse = None
+    Inverse by substitution in O(d^2); log-det ``sum(log_diag)`` in O(d).
+
+    Parameters
+    ----------
+    lower : bool
+        Lower (default) or upper triangular.
+    """
+
+    event_ndims = VECTOR
+
+    def __init__(self, lower: bool = True):
+        if not isinstance(lower, bool):
+            raise TypeError(f"`lower` must be a bool; got {type(lower).__name__}")
+        self.lower = lower
+
+    def _init(self, rng, x):
+        d = x.shape[1]
+        return {
+            "T": rng.normal(size=(d, d)) / np.sqrt(d),
+            "log_diag": 0.3 * rng.normal(size=d),
+            "b": 0.1 * rng.normal(size=d),
+        }
+
+    def _event_shape(self, params):
+        return (getval(params["log_diag"]).shape[0],)
+
+    def _weight(self, params):
+        T = params["T"]
+        strict = anp.tril(T, -1) if self.lower else anp.triu(T, 1)
+        return strict + anp.diag(anp.exp(params["log_diag"]))
+
+    def _forward(self, params, x, rng):
+        return _affine(x, self._weight(params), params["b"]), _ones(x, anp.sum(params["log_diag"]))
+
+    def _inverse(self, params, y, rng):
+        W = self._weight(params)
+        # solve W x^T = (y - b)^T by substitution: O(d^2) per sample
+        xt = solve_triangular(W, anp.transpose(y - params["b"]), lower=self.lower)
+        return anp.transpose(xt), _ones(y, -anp.sum(params["log_diag"]))
+
+
+class BlockDiagonalLinear(Bijection):
+    """Block-diagonal ``W = diag(W_1, ..., W_{d/c})`` with dense ``c x c`` blocks.
+
+    Inverse and log-det cost O(c^3 d / c) = O(c^2 d) for the factorisations plus O(c d) per
+    sample; REFERENCES.md bounds both by O(c^3 d).
+
+    Parameters
+    ----------
+    block_size : int
+        ``c``; the dimension ``d`` of the data must be a multiple of it.
+    """
+
+    event_ndims = VECTOR
+
+    def __init__(self, block_size: int = 2):
+        self.block_size = check_int(block_size, "block_size", minimum=1)
+
+    def _init(self, rng, x):
+        d, c = x.shape[1], self.block_size
+        if d % c:
+            raise ValueError(
+                f"`x` must have a feature size divisible by `block_size`={c}; got shape {x.shape}"
+            )
+        q, r = np.linalg.qr(rng.normal(size=(d // c, c, c)))
+        q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+        W = q * np.exp(0.3 * rng.normal(size=(d // c, 1, c)))
+        return {"W": W, "b": 0.1 * rng.normal(size=d)}
+
+    def _event_shape(self, params):
+        nb, c, _ = getval(params["W"]).shape
+        return (nb * c,)
+
+    def _logdet(self, W):
+        sign, logabs = anp.linalg.slogdet(W)
+        _check_nonsingular(sign, "W", "BlockDiagonalLinear")
+        return anp.sum(logabs)
+
+    def _forward(self, params, x, rng):
+        W = params["W"]
+        nb, c, _ = getval(W).shape
+        xb = anp.reshape(x, (x.shape[0], nb, c))
+        y = anp.einsum("nbj,bij->nbi", xb, W)
+        return anp.reshape(y, x.shape) + params["b"], _ones(x, self._logdet(W))
+
+    def _inverse(self, params, y, rng):
+        W = params["W"]
+        nb, c, _ = getval(W).shape
+        logabs = self._logdet(W)
+        yb = anp.transpose(anp.reshape(y - params["b"], (y.shape[0], nb, c)), (1, 2, 0))
+        xb = anp.linalg.solve(W, yb)  # (nb, c, n)
+        x = anp.reshape(anp.transpose(xb, (2, 0, 1)), y.shape)
+        return x, _ones(y, -logabs)
+
+
+class LULinear(Bijection):
+    """LU-factorised ``W = P L (U + diag(exp(log_s)))`` (Glow, Kingma & Dhariwal 2018).
+
+    ``L`` is unit lower triangular, ``U`` strictly upper triangular and ``P`` a fixed
+    permutation. Inverse by two triangular substitutions, O(d^2); log-det in O(d):
+
+    .. math:: \\log|\\det W| = \\sum_i \\mathrm{log\\_s}_i.
+
+    Parameters
+    ----------
+    permutation : "reverse", "identity" or a sequence of ints
+        ``P`` is a hyperparameter (a pytree of parameters must hold only differentiable
+        floats). ``"reverse"`` (default) reverses the features. With ``s = exp(log_s) > 0``
+        every invertible ``W`` with ``sign det W = sign det P`` whose permuted leading minors do
+        not vanish is reachable — all such matrices but a set of measure zero.
+
+    References
+    ----------
+    Kingma & Dhariwal, "Glow: Generative flow with invertible 1x1 convolutions", 2018,
+    arXiv:1807.03039, Section 3.2.
+    """
+
+    event_ndims = VECTOR
+
+    def __init__(self, permutation="reverse"):
+        if isinstance(permutation, str):
+            if permutation not in ("reverse", "identity"):
+                raise ValueError(
+                    f"`permutation` must be 'reverse', 'identity' or a sequence of ints; got {permutation!r}"
+                )
+            self.permutation = permutation
+        else:
+            perm = np.asarray(permutation)
+            if perm.ndim != 1 or perm.dtype.kind not in "iu" or not np.array_equal(
+                np.sort(perm), np.arange(perm.size)
+            ):
+                raise ValueError(
+                    f"`permutation` must be a permutation of 0..d-1; got {permutation!r}"
+                )
+            self.permutation = tuple(int(i) for i in perm)
+
+    def _perm(self, d):
+        if self.permutation == "reverse":
+            return np.arange(d)[::-1].copy()
+        if self.permutation == "identity":
+            return np.arange(d)
+        if len(self.permutation) != d:
+            raise ValueError(
+                f"`x` must have {len(self.permutation)} features to match `permutation`; got {d}"
+            )
+        return np.asarray(self.permutation)
+
+    def _init(self, rng, x):
+        d = x.shape[1]
+        self._perm(d)
+        return {
+            "L": rng.normal(size=(d, d)) / np.sqrt(d),
+            "U": rng.normal(size=(d, d)) / np.sqrt(d),
+            "log_s": 0.3 * rng.normal(size=d),
+            "b": 0.1 * rng.normal(size=d),
+        }
+
+    def _event_shape(self, params):
+        return (getval(params["log_s"]).shape[0],)
+
+    def _factors(self, params):
+        d = getval(params["log_s"]).shape[0]
+        eye = np.eye(d, dtype=getval(params["log_s"]).dtype)
+        L = anp.tril(params["L"], -1) + eye
+        U = anp.triu(params["U"], 1) + anp.diag(anp.exp(params["log_s"]))
+        return L, U
+
+    def weight(self, params):
+        """The dense ``W = P L U`` (for checks and plots)."""
+        L, U = self._factors(params)
+        d = getval(L).shape[0]
+        return anp.dot(L, U)[np.argsort(self._perm(d))]
+
+    def _forward(self, params, x, rng):
+        L, U = self._factors(params)
+        d = x.shape[1]
+        # y = P L U x + b, batched on rows: (x U^T L^T) then permute features
+        z = anp.dot(anp.dot(x, anp.transpose(U)), anp.transpose(L))
+        y = z[:, np.argsort(self._perm(d))] + params["b"]
+        return y, _ones(x, anp.sum(params["log_s"]))
+
+    def _inverse(self, params, y, rng):
+        L, U = self._factors(params)
+        d = y.shape[1]
+        z = (y - params["b"])[:, self._perm(d)]
+        w = solve_triangular(L, anp.transpose(z), lower=True, unit_diagonal=True)
+        xt = solve_triangular(U, w, lower=False)
+        return anp.transpose(xt), _ones(y, -anp.sum(params["log_s"]))
