@@ -70,7 +70,7 @@ def check_in_open_interval(x, lo, hi, name: str = "y") -> None:
     raw = to_numpy(x)
     bad = ~((raw > lo) & (raw < hi))
     if np.any(bad):
-        first = raw[bad].ravel()[0]
+        first = float(raw[bad].ravel()[0])
         raise ValueError(
             f"`{name}` must lie in the open interval ({lo}, {hi}); got {int(bad.sum())} value(s) "
             f"outside it (e.g. {first!r})"
