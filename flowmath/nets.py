@@ -1,1 +1,222 @@
-"""PLACEHOLDER: being written."""
+"""Conditioner networks as pure functions on parameter pytrees.
+
+Every network here is a pair ``*_init(rng, ...) -> params`` and ``*_apply(params, x) -> y``:
+the parameters are plain nested lists/dicts of arrays, so that ``autograd.grad`` differentiates
+with respect to them, and ``*_apply`` uses only differentiable ``autograd.numpy`` operations
+(no in-place assignment). They are the conditioners of the coupling layers
+(:mod:`flowmath.layers.coupling`) and of the continuous and residual flows.
+
+- :func:`mlp_init` / :func:`mlp_apply`: a multilayer perceptron on vectors ``(n, d)``;
+  every hidden layer is one BLAS matrix product ``x @ W + b`` followed by a ReLU.
+- :func:`convnet_init` / :func:`convnet_apply`: a small convolutional network on images
+  ``(n, c, h, w)``: a 3x3 ``'same'`` convolution, ReLU, 1x1 convolutions with ReLU, and a 3x3
+  output convolution (the RealNVP/Glow conditioner, Dinh et al. 2016; Kingma & Dhariwal 2018).
+  A 3x3 convolution is an *im2col* product: the nine shifted copies of the zero-padded input are
+  stacked along the channel axis and contracted with the weights in one matrix product.
+
+dtype: float32 inputs with float32 parameters compute in float32 throughout (only Python
+scalars enter the arithmetic, so nothing is promoted to float64).
+
+References
+----------
+Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2016, arXiv:1605.08803.
+Kingma & Dhariwal, "Glow: generative flow with invertible 1x1 convolutions", 2018,
+arXiv:1807.03039.
+
+Examples
+--------
+>>> import numpy as np
+>>> from flowmath import nets
+>>> rng = np.random.default_rng(0)
+>>> p = nets.mlp_init(rng, [3, 16, 4])
+>>> nets.mlp_apply(p, rng.normal(size=(5, 3))).shape
+(5, 4)
+>>> q = nets.convnet_init(rng, 2, (8, 8), 6)
+>>> nets.convnet_apply(q, rng.normal(size=(5, 2, 4, 4))).shape
+(5, 6, 4, 4)
+"""
+
+from __future__ import annotations
+
+import math
+
+import autograd.numpy as anp
+import numpy as np
+
+from ._checks import check_int, check_rng
+
+__all__ = [
+    "conv2d",
+    "convnet_apply",
+    "convnet_init",
+    "mlp_apply",
+    "mlp_init",
+    "relu",
+]
+
+
+def relu(x):
+    """``max(x, 0)`` written as ``x * (x > 0)``: its VJP is one multiplication by a mask."""
+    return x * (x > 0)
+
+
+def _check_sizes(sizes, name):
+    sizes = list(sizes)
+    for i, s in enumerate(sizes):
+        check_int(s, f"{name}[{i}]", minimum=1)
+    return [int(s) for s in sizes]
+
+
+def _check_out_scale(out_scale):
+    if isinstance(out_scale, bool) or not isinstance(out_scale, (int, float)) or out_scale < 0:
+        raise ValueError(f"`out_scale` must be a real number >= 0; got {out_scale!r}")
+    return float(out_scale)
+
+
+# -- multilayer perceptron ------------------------------------------------------------------------
+
+def mlp_init(rng: np.random.Generator, sizes, *, out_scale: float = 1.0):
+    """Parameters of an MLP with layer widths ``sizes = [d_in, h_1, ..., d_out]``.
+
+    Weights are drawn He-normal, ``W ~ N(0, 2/fan_in)`` (Glorot for the output layer, scaled by
+    ``out_scale``), biases ``N(0, 0.01)`` (small, non-zero, so that the network is generic).
+    ``out_scale=0`` zeroes the output layer: the network then outputs exactly 0 (identity
+    initialisation of a coupling layer).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    sizes : sequence of int, length >= 2
+    out_scale : float, >= 0
+        Multiplies the output layer's weights and bias.
+
+    Returns
+    -------
+    list of dict
+        ``[{"W": (d_k, d_{k+1}), "b": (d_{k+1},)}, ...]``, float64.
+    """
+    check_rng(rng)
+    sizes = _check_sizes(sizes, "sizes")
+    if len(sizes) < 2:
+        raise ValueError(f"`sizes` must hold at least an input and an output width; got {sizes}")
+    out_scale = _check_out_scale(out_scale)
+    params = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        last = k == len(sizes) - 2
+        std = math.sqrt(1.0 / a) if last else math.sqrt(2.0 / a)
+        W = rng.normal(scale=std, size=(a, b))
+        bias = rng.normal(scale=0.1, size=(b,))
+        if last:
+            W, bias = W * out_scale, bias * out_scale
+        params.append({"W": W, "b": bias})
+    return params
+
+
+def mlp_apply(params, x):
+    """Apply the MLP: ``h <- relu(h @ W + b)`` for the hidden layers, no activation at the end.
+
+    Parameters
+    ----------
+    params : list of dict
+        From :func:`mlp_init`.
+    x : ndarray, shape (n, d_in)
+
+    Returns
+    -------
+    ndarray, shape (n, d_out)
+    """
+    h = x
+    last = len(params) - 1
+    for k, layer in enumerate(params):
+        # one GEMM per layer; (n, a) @ (a, b) is what BLAS is best at
+        h = anp.dot(h, layer["W"]) + layer["b"]
+        if k < last:
+            h = relu(h)
+    return h
+
+
+# -- convolutional network ------------------------------------------------------------------------
+
+def conv2d(x, W, b=None):
+    """Cross-correlation with ``'same'`` zero padding, channels first.
+
+    .. math:: y_{n,o,i,j} = b_o + \\sum_{c,u,v} W_{o,c,u,v}\\, x_{n,c,i+u-r,j+v-r},
+        \\qquad r = (k-1)/2.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, c, h, w)
+    W : ndarray, shape (o, c, k, k), ``k`` odd
+    b : ndarray, shape (o,), optional
+
+    Returns
+    -------
+    ndarray, shape (n, o, h, w)
+
+    Notes
+    -----
+    A ``k x k`` kernel is computed by im2col: the ``k^2`` shifted windows of the padded input are
+    stacked, ``(n, k^2 c, h w)``, and contracted with the weights reshaped to ``(o, k^2 c)`` in a
+    single batched matrix product. A 1x1 kernel is a plain matrix product over channels.
+    """
+    n, c, h, w = x.shape
+    o, c_w, k, _ = W.shape
+    if k == 1:
+        y = anp.matmul(anp.reshape(W, (o, c)), anp.reshape(x, (n, c, h * w)))
+    else:
+        r = (k - 1) // 2
+        xp = anp.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="constant")
+        cols = [xp[:, :, u : u + h, v : v + w] for u in range(k) for v in range(k)]
+        # patches[n, (u, v, c), i, j]; weights reordered to match: (o, u, v, c)
+        patches = anp.reshape(anp.concatenate(cols, axis=1), (n, k * k * c, h * w))
+        Wm = anp.reshape(anp.transpose(W, (0, 2, 3, 1)), (o, k * k * c))
+        y = anp.matmul(Wm, patches)
+    y = anp.reshape(y, (n, o, h, w))
+    if b is not None:
+        y = y + anp.reshape(b, (o, 1, 1))
+    return y
+
+
+def convnet_init(rng: np.random.Generator, c_in: int, hidden, c_out: int, *,
+                 out_scale: float = 1.0):
+    """Parameters of the conv conditioner ``c_in -> hidden[0] -> ... -> hidden[-1] -> c_out``.
+
+    The first and the output convolutions are 3x3 (``'same'``), the ones in between 1x1; ReLU
+    after every convolution but the last. With an empty ``hidden`` the network is a single 3x3
+    convolution. ``out_scale=0`` zeroes the output convolution (Glow's zero initialisation).
+
+    Returns
+    -------
+    list of dict
+        ``[{"W": (o, c, k, k), "b": (o,)}, ...]``, float64.
+    """
+    check_rng(rng)
+    c_in = check_int(c_in, "c_in", minimum=1)
+    c_out = check_int(c_out, "c_out", minimum=1)
+    hidden = _check_sizes(hidden, "hidden")
+    out_scale = _check_out_scale(out_scale)
+    widths = [c_in, *hidden, c_out]
+    params = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        first, last = k == 0, k == len(widths) - 2
+        ks = 3 if (first or last) else 1
+        fan_in = a * ks * ks
+        std = math.sqrt(1.0 / fan_in) if last else math.sqrt(2.0 / fan_in)
+        W = rng.normal(scale=std, size=(b, a, ks, ks))
+        bias = rng.normal(scale=0.1, size=(b,))
+        if last:
+            W, bias = W * out_scale, bias * out_scale
+        params.append({"W": W, "b": bias})
+    return params
+
+
+def convnet_apply(params, x):
+    """Apply the conv conditioner to ``x`` of shape ``(n, c_in, h, w)``; returns
+    ``(n, c_out, h, w)``."""
+    h = x
+    last = len(params) - 1
+    for k, layer in enumerate(params):
+        h = conv2d(h, layer["W"], layer["b"])
+        if k < last:
+            h = relu(h)
+    return h
