@@ -1,4 +1,4 @@
-"""Built-in ODE dynamics: the fused VJPs against autograd, the divergence against dense Jacobians."""
+"""Built-in ODE dynamics: fused VJPs against autograd, the divergence against dense Jacobians."""
 
 import autograd
 import numpy as np

@@ -10,7 +10,8 @@ modes call instead of tracing ``f`` with autograd.
   ``y = [z, l]`` of shape ``(n, d + 1)`` (the last column carries the log-determinant):
 
   .. math:: \\frac{d}{dt}\\begin{bmatrix} z \\\\ l \\end{bmatrix}
-      = \\begin{bmatrix} f(t, z) \\\\ \\operatorname{tr}\\, \\partial f / \\partial z \\end{bmatrix},
+      = \\begin{bmatrix} f(t, z) \\\\
+      \\operatorname{tr}\\, \\partial f / \\partial z \\end{bmatrix},
 
   with the exact trace (all ``d`` directions, propagated forward-mode through the MLP) or
   Hutchinson's estimate :math:`\\varepsilon^\\top (\\partial f/\\partial z)\\, \\varepsilon` with a
@@ -149,7 +150,8 @@ class MLPDynamics:
     def check_params(self, params, dim: int | None = None) -> int:
         """Validate the structure of ``params``; return the state dimension it was made for."""
         n_layers = len(self.hidden) + 1
-        keys = {"W", "b", "u"} if self.time == "concat" else {"W", "b", "gate_w", "gate_b", "bias_t"}
+        keys = ({"W", "b", "u"} if self.time == "concat"
+                else {"W", "b", "gate_w", "gate_b", "bias_t"})
         if not isinstance(params, (list, tuple)) or len(params) != n_layers:
             raise ValueError(
                 f"`params` must be a list of {n_layers} layer dicts for hidden={self.hidden}; "
@@ -159,7 +161,8 @@ class MLPDynamics:
         for i, p in enumerate(params):
             if not isinstance(p, dict) or set(p) != keys:
                 got = sorted(p) if isinstance(p, dict) else type(p).__name__
-                raise ValueError(f"`params[{i}]` must be a dict with keys {sorted(keys)}; got {got}")
+                raise ValueError(
+                    f"`params[{i}]` must be a dict with keys {sorted(keys)}; got {got}")
         d = int(np.shape(params[0]["W"])[0])
         if dim is not None and d != dim:
             raise ValueError(f"`params` were made for states of dimension {d}; got dimension {dim}")
@@ -247,12 +250,14 @@ class MLPDynamics:
 class CNFDynamics:
     """Augmented CNF field on the packed state ``y = [z, l]`` of shape ``(n, d + 1)``.
 
-    .. math:: \\dot z = f(t, z), \\qquad \\dot l = \\operatorname{tr}\\,\\frac{\\partial f}{\\partial z}
+    .. math:: \\dot z = f(t, z), \\qquad
+        \\dot l = \\operatorname{tr}\\,\\frac{\\partial f}{\\partial z}
         \\;\\text{(exact)} \\quad\\text{or}\\quad
         \\varepsilon^\\top \\frac{\\partial f}{\\partial z}\\, \\varepsilon \\;\\text{(Hutchinson)}.
 
     The exact trace propagates the Jacobian forward through the MLP,
-    :math:`J_{l+1} = (J_l W_{e,l}) \\operatorname{diag}\\sigma'(\\cdot)` with :math:`J_0 = I`, at the
+    :math:`J_{l+1} = (J_l W_{e,l}) \\operatorname{diag}\\sigma'(\\cdot)` with :math:`J_0 = I`,
+    at the
     cost of ``d`` Jacobian-vector products (``O(n d H^2)`` memory and work per hidden layer; one
     hidden layer has the closed form :math:`\\sum_k \\sigma'_k \\sum_i W_{0,ik} W_{1,ki}`).
     Hutchinson's estimate propagates the single tangent ``eps`` instead (one JVP).
