@@ -1,4 +1,46 @@
-"""PLACEHOLDER."""
+"""Ordinary differential equations: Runge-Kutta solvers with dense output, counts and adjoints.
 
-def odeint(*args, **kwargs):
-    raise NotImplementedError
+``fm.odeint(f, y0, t, params, *, method="dopri5", rtol=1e-7, atol=1e-9, adjoint="backsolve")``
+returns ``ys`` of shape ``(len(t),) + y0.shape``; ``fm.ode.solve`` takes the same arguments and
+returns an :class:`ODESolution` with the forward counts and, once a gradient has been computed,
+the backward counts in ``solution.backward`` (:class:`BackwardStats`).  See
+:mod:`flowmath.ode.solve` for the error norm and step control and :mod:`flowmath.ode.adjoint`
+for the three gradient modes.
+
+References
+----------
+Chen, Rubanova, Bettencourt, Duvenaud (2018), "Neural Ordinary Differential Equations",
+arXiv:1806.07366.
+"""
+
+from .solve import (
+    DEFAULT_MAX_STEPS,
+    MAX_FACTOR,
+    MIN_FACTOR,
+    SAFETY,
+    STEP_FLOOR_ULPS,
+    BackwardStats,
+    ODESolution,
+    ODESolverError,
+    odeint,
+    solve,
+)
+from .tableau import DOPRI5, EULER, RK4, TABLEAUX, ButcherTableau
+
+__all__ = [
+    "DEFAULT_MAX_STEPS",
+    "DOPRI5",
+    "EULER",
+    "MAX_FACTOR",
+    "MIN_FACTOR",
+    "RK4",
+    "SAFETY",
+    "STEP_FLOOR_ULPS",
+    "TABLEAUX",
+    "BackwardStats",
+    "ButcherTableau",
+    "ODESolution",
+    "ODESolverError",
+    "odeint",
+    "solve",
+]

@@ -1,0 +1,302 @@
+"""Butcher tableaux of explicit Runge-Kutta methods as validated data.
+
+A tableau ``(A, b, c)`` defines the explicit Runge-Kutta step
+
+.. math::
+
+    K_i = f\\Big(t + c_i h,\\; y + h \\sum_{j<i} a_{ij} K_j\\Big), \\qquad
+    y_{n+1} = y_n + h \\sum_i b_i K_i .
+
+:class:`ButcherTableau` checks in ``__post_init__`` that ``A`` is strictly lower triangular, that
+the row sums of ``A`` equal ``c``, and that the weights satisfy every order condition
+:math:`\\sum_i b_i \\Phi_i(\\tau) = 1/\\gamma(\\tau)` for all rooted trees :math:`\\tau` with
+at most ``order`` nodes (and the embedded weights up to ``embedded_order``); a dense-output
+matrix, when given, must reproduce ``b`` at :math:`\\theta = 1`.
+
+References
+----------
+Hairer, Norsett, Wanner (1993), *Solving Ordinary Differential Equations I*, Sec. II.2 (order
+conditions, rooted trees) and II.6 (dense output).
+Dormand, Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6.
+Shampine (1986), "Some practical Runge-Kutta formulas", Math. Comp. 46 (the 4th-order interpolant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import cache
+
+import numpy as np
+
+__all__ = ["DOPRI5", "EULER", "RK4", "TABLEAUX", "ButcherTableau", "rooted_trees"]
+
+#: Tolerance of the exactness checks on tableau coefficients (they are rationals in float64).
+_TABLEAU_TOL = 1e-13
+
+
+@cache
+def rooted_trees(order: int) -> tuple:
+    """All rooted trees with exactly ``order`` nodes, each a sorted tuple of child subtrees.
+
+    The single node is ``()``; a tree is the (sorted) tuple of the trees hanging from its root.
+    Counts are 1, 1, 2, 4, 9, 20 for orders 1 ... 6 (OEIS A000081).
+    """
+    if order < 1:
+        return ()
+    if order == 1:
+        return ((),)
+    out = set()
+
+    # Partitions of order - 1 nodes into a multiset of child trees (non-increasing by repr).
+    def children(remaining, max_key):
+        if remaining == 0:
+            yield ()
+            return
+        for size in range(remaining, 0, -1):
+            for child in rooted_trees(size):
+                key = (size, child)
+                if max_key is not None and key > max_key:
+                    continue
+                for rest in children(remaining - size, key):
+                    yield (child,) + rest
+
+    for kids in children(order - 1, None):
+        out.add(tuple(sorted(kids)))
+    return tuple(sorted(out))
+
+
+def _tree_size(tree) -> int:
+    return 1 + sum(_tree_size(c) for c in tree)
+
+
+def _gamma(tree) -> int:
+    """Tree factorial: gamma(tau) = |tau| * prod gamma(children)."""
+    g = _tree_size(tree)
+    for c in tree:
+        g *= _gamma(c)
+    return g
+
+
+def _phi(tree, A: np.ndarray) -> np.ndarray:
+    """Stage vector of the elementary weight: Phi_i(tau) = prod over children (A Phi(child))_i."""
+    out = np.ones(A.shape[0])
+    for c in tree:
+        out = out * (A @ _phi(c, A))
+    return out
+
+
+def _order_residuals(A, b, order):
+    """Largest |b . Phi(tau) - 1/gamma(tau)| over the trees of each size 1..order."""
+    res = []
+    for p in range(1, order + 1):
+        worst = 0.0
+        for tree in rooted_trees(p):
+            worst = max(worst, abs(float(b @ _phi(tree, A)) - 1.0 / _gamma(tree)))
+        res.append(worst)
+    return res
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge-Kutta method, validated on construction.
+
+    Parameters
+    ----------
+    name : str
+    c : array, shape (s,)
+        Stage times (fractions of the step).
+    A : array, shape (s, s)
+        Strictly lower-triangular stage matrix; row sums must equal ``c``.
+    b : array, shape (s,)
+        Weights of the propagated solution, of classical order ``order``.
+    order : int
+        Order of the propagated solution; the order conditions of every rooted tree with at most
+        ``order`` nodes are checked.
+    b_embedded : array, shape (s,), optional
+        Weights of the embedded (error-estimating) solution, of order ``embedded_order``.
+    embedded_order : int, optional
+    fsal : bool
+        First Same As Last: the last stage is ``f(t + h, y_{n+1})`` and is reused as the next
+        step's first stage (requires ``c[-1] == 1`` and ``A[-1] == b``).
+    dense : array, shape (s, m), optional
+        Continuous extension: ``y(t + theta h) = y + h sum_i w_i(theta) K_i`` with
+        ``w(theta) = dense @ [theta, theta^2, ..., theta^m]``; must give ``w(1) = b``.
+    dense_order : int, optional
+        Order of the continuous extension (checked for theta in (0, 1]).
+
+    Attributes
+    ----------
+    error_weights : ndarray, shape (s,)
+        ``b - b_embedded``: the local error estimate is ``h * error_weights @ K``.
+    """
+
+    name: str
+    c: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+    order: int
+    b_embedded: np.ndarray | None = None
+    embedded_order: int | None = None
+    fsal: bool = False
+    dense: np.ndarray | None = None
+    dense_order: int | None = None
+    error_weights: np.ndarray | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        def arr(x):
+            a = np.array(x, dtype=np.float64)
+            a.setflags(write=False)
+            return a
+
+        for key in ("c", "A", "b", "b_embedded", "dense"):
+            val = getattr(self, key)
+            if val is not None:
+                object.__setattr__(self, key, arr(val))
+        A, b, c = self.A, self.b, self.c
+        s = b.shape[0]
+        if A.shape != (s, s) or c.shape != (s,):
+            raise ValueError(
+                f"tableau {self.name!r}: `A` must be ({s}, {s}) and `c` ({s},); "
+                f"got {A.shape} and {c.shape}"
+            )
+        if np.any(np.triu(A) != 0):
+            raise ValueError(
+                f"tableau {self.name!r}: `A` must be strictly lower triangular (explicit)"
+            )
+        if np.max(np.abs(A.sum(axis=1) - c)) > _TABLEAU_TOL:
+            raise ValueError(
+                f"tableau {self.name!r}: row sums of `A` must equal `c`; got {A.sum(axis=1)} vs {c}"
+            )
+        res = _order_residuals(A, b, self.order)
+        if max(res) > _TABLEAU_TOL:
+            raise ValueError(
+                f"tableau {self.name!r}: weights `b` fail the order conditions of order "
+                f"{self.order}; residuals by tree size {res}"
+            )
+        if self.b_embedded is not None:
+            if self.embedded_order is None:
+                raise ValueError(
+                    f"tableau {self.name!r}: `embedded_order` is required with `b_embedded`"
+                )
+            res = _order_residuals(A, self.b_embedded, self.embedded_order)
+            if max(res) > _TABLEAU_TOL:
+                raise ValueError(
+                    f"tableau {self.name!r}: `b_embedded` fails the order conditions of order "
+                    f"{self.embedded_order}; residuals by tree size {res}"
+                )
+            object.__setattr__(self, "error_weights", arr(b - self.b_embedded))
+        if self.fsal and (
+            abs(c[-1] - 1.0) > _TABLEAU_TOL or np.max(np.abs(A[-1] - b)) > _TABLEAU_TOL
+        ):
+            raise ValueError(f"tableau {self.name!r}: FSAL needs c[-1] = 1 and A[-1] = b")
+        if self.dense is not None:
+            if self.dense.shape[0] != s:
+                raise ValueError(f"tableau {self.name!r}: `dense` must have {s} rows")
+            if np.max(np.abs(self.dense.sum(axis=1) - b)) > _TABLEAU_TOL:
+                raise ValueError(
+                    f"tableau {self.name!r}: dense output must reproduce `b` at theta = 1"
+                )
+            if self.dense_order is not None:
+                # Order conditions of the continuous extension: for every tree tau with
+                # |tau| <= p, sum_i w_i(theta) Phi_i(tau) = theta^|tau| / gamma(tau).
+                for theta in (0.25, 0.5, 0.8):
+                    w = self.dense_weights(theta)
+                    for p in range(1, self.dense_order + 1):
+                        for tree in rooted_trees(p):
+                            lhs = float(w @ _phi(tree, A))
+                            if abs(lhs - theta**p / _gamma(tree)) > _TABLEAU_TOL:
+                                raise ValueError(
+                                    f"tableau {self.name!r}: dense output fails order "
+                                    f"{self.dense_order} at theta={theta}"
+                                )
+
+    @property
+    def n_stages(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_embedded is not None
+
+    def dense_weights(self, theta: float) -> np.ndarray:
+        """Stage weights ``w(theta)``, shape (s,): ``y(t + theta h) = y + h w(theta) @ K``.
+
+        ``theta == 1`` returns ``b`` exactly, so an output at a step end is bitwise the step's
+        result.
+        """
+        if theta == 1.0:
+            return self.b
+        if self.dense is None:
+            raise ValueError(f"tableau {self.name!r} has no dense output")
+        m = self.dense.shape[1]
+        powers = theta ** np.arange(1, m + 1)
+        return self.dense @ powers
+
+
+EULER = ButcherTableau(name="euler", c=[0.0], A=[[0.0]], b=[1.0], order=1)
+
+RK4 = ButcherTableau(
+    name="rk4",
+    c=[0.0, 0.5, 0.5, 1.0],
+    A=[[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1.0, 0]],
+    b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],
+    order=4,
+)
+
+
+def _f(n, d):
+    return float(Fraction(n, d))
+
+
+# Dormand-Prince 5(4), FSAL, with Shampine's 4th-order continuous extension (coefficients as in
+# Hairer-Norsett-Wanner's DOPRI5 code and scipy's RK45).
+DOPRI5 = ButcherTableau(
+    name="dopri5",
+    c=[0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0],
+    A=[
+        [0, 0, 0, 0, 0, 0, 0],
+        [_f(1, 5), 0, 0, 0, 0, 0, 0],
+        [_f(3, 40), _f(9, 40), 0, 0, 0, 0, 0],
+        [_f(44, 45), _f(-56, 15), _f(32, 9), 0, 0, 0, 0],
+        [_f(19372, 6561), _f(-25360, 2187), _f(64448, 6561), _f(-212, 729), 0, 0, 0],
+        [_f(9017, 3168), _f(-355, 33), _f(46732, 5247), _f(49, 176), _f(-5103, 18656), 0, 0],
+        [_f(35, 384), 0, _f(500, 1113), _f(125, 192), _f(-2187, 6784), _f(11, 84), 0],
+    ],
+    b=[_f(35, 384), 0, _f(500, 1113), _f(125, 192), _f(-2187, 6784), _f(11, 84), 0],
+    order=5,
+    b_embedded=[
+        _f(5179, 57600),
+        0,
+        _f(7571, 16695),
+        _f(393, 640),
+        _f(-92097, 339200),
+        _f(187, 2100),
+        _f(1, 40),
+    ],
+    embedded_order=4,
+    fsal=True,
+    dense=[
+        [1, _f(-8048581381, 2820520608), _f(8663915743, 2820520608), _f(-12715105075, 11282082432)],
+        [0, 0, 0, 0],
+        [
+            0,
+            _f(131558114200, 32700410799),
+            _f(-68118460800, 10900136933),
+            _f(87487479700, 32700410799),
+        ],
+        [0, _f(-1754552775, 470086768), _f(14199869525, 1410260304), _f(-10690763975, 1880347072)],
+        [
+            0,
+            _f(127303824393, 49829197408),
+            _f(-318862633887, 49829197408),
+            _f(701980252875, 199316789632),
+        ],
+        [0, _f(-282668133, 205662961), _f(2019193451, 616988883), _f(-1453857185, 822651844)],
+        [0, _f(40617522, 29380423), _f(-110615467, 29380423), _f(69997945, 29380423)],
+    ],
+    dense_order=4,
+)
+
+#: The methods `fm.odeint` accepts, by name.
+TABLEAUX = {"euler": EULER, "rk4": RK4, "dopri5": DOPRI5}

@@ -1,0 +1,246 @@
+"""Gradients through flowmath.ode: backsolve, checkpoint and direct against exact references."""
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad
+from scipy.linalg import expm, expm_frechet
+
+from flowmath.ode import odeint, solve
+
+ADJOINTS = ["backsolve", "checkpoint", "direct"]
+
+
+def linear(t, y, A):
+    return anp.dot(y, A.T)
+
+
+def mlp(t, y, p):
+    """Small time-dependent tanh MLP, params a nested pytree (dict with a list)."""
+    (W1, b1), (W2, b2) = p["layers"]
+    h = anp.tanh(anp.dot(y, W1) + b1 + t * p["u"])
+    return anp.dot(h, W2) + b2
+
+
+class FusedMLP:
+    """The same MLP with a hand-written fused VJP (the protocol f.vjp)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, t, y, p):
+        return mlp(t, y, p)
+
+    def vjp(self, t, y, p, a):
+        self.calls += 1
+        (W1, b1), (W2, b2) = p["layers"]
+        pre = y @ W1 + b1 + t * p["u"]
+        h = np.tanh(pre)
+        dydt = h @ W2 + b2
+        gh = a @ W2.T
+        gpre = gh * (1 - h**2)
+        a_y = gpre @ W1.T
+        a_p = {
+            "layers": [(y.T @ gpre, gpre.sum(0)), (h.T @ a, a.sum(0))],
+            "u": t * gpre.sum(0),
+        }
+        return dydt, a_y, a_p
+
+
+def mlp_params(rng, d=2, hidden=8):
+    return {
+        "layers": [
+            (rng.normal(size=(d, hidden)) / np.sqrt(d), 0.1 * rng.normal(size=hidden)),
+            (rng.normal(size=(hidden, d)) / np.sqrt(hidden), 0.1 * rng.normal(size=d)),
+        ],
+        "u": rng.normal(size=hidden),
+    }
+
+
+def tree_leaves(tree):
+    from flowmath.ode.solve import tree_flatten
+
+    return tree_flatten(tree)
+
+
+# ----------------------------------------------------------------------------- linear: exact
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_linear_gradient_against_expm_frechet(rng, adjoint):
+    """L = c^T z(1), dz/dt = A z: dL/dA = L_expm(A^T, c z0^T) (Frechet derivative)."""
+    A = rng.normal(size=(4, 4)) / 2
+    z0 = rng.normal(size=4)
+    c = rng.normal(size=4)
+    exact_A = expm_frechet(A.T, np.outer(c, z0), compute_expm=False)
+    exact_z0 = expm(A).T @ c
+    stats = {}
+
+    def loss(A, z0):
+        return anp.dot(
+            c,
+            odeint(
+                linear,
+                z0,
+                np.array([0.0, 1.0]),
+                A,
+                rtol=1e-10,
+                atol=1e-12,
+                adjoint=adjoint,
+                stats=stats,
+            )[-1],
+        )
+
+    gA = grad(loss, 0)(A, z0)
+    gz = grad(loss, 1)(A, z0)
+    scale = np.abs(exact_A).max()
+    # solver tolerance 1e-10: the gradient error is a small multiple of it
+    assert np.abs(gA - exact_A).max() / scale < 1e-8
+    assert np.abs(gz - exact_z0).max() / np.abs(exact_z0).max() < 1e-8
+    assert stats["backward"]["computed"] and stats["backward"]["mode"] == adjoint
+
+
+def test_backsolve_drift_and_counts(rng):
+    A = rng.normal(size=(3, 3)) / 2
+    z0 = rng.normal(size=3)
+    box = []
+
+    def loss(z0):
+        sol = solve(linear, z0, np.linspace(0, 1, 4), A, adjoint="backsolve")
+        box.append(sol)
+        return anp.sum(sol.ys**2)
+
+    grad(loss)(z0)
+    bw = box[0].backward
+    assert bw.computed and bw.mode == "backsolve"
+    assert bw.drift is not None and bw.drift < 1e-6
+    assert bw.nfe == bw.n_vjp > 0 and bw.n_steps == bw.n_accepted + bw.n_rejected
+    # 3 backward segments, each pays f(t_k) plus the initial-step probe: nfe = 2*3 + 6*steps
+    assert bw.nfe == 2 * 3 + 6 * bw.n_steps
+    assert bw.n_stored_states == 4
+    assert not box[0].backward.fused_vjp
+
+
+def test_checkpoint_counts(rng):
+    A = rng.normal(size=(3, 3)) / 2
+    box = []
+
+    def loss(z0):
+        sol = solve(linear, z0, np.array([0.0, 1.0]), A, adjoint="checkpoint")
+        box.append(sol)
+        return anp.sum(sol.ys[-1] ** 2)
+
+    grad(loss)(np.ones(3))
+    sol = box[0]
+    bw = sol.backward
+    assert bw.n_accepted == sol.n_accepted and bw.n_stored_states == sol.n_accepted + 1
+    # per step: 6 stage recomputations, 6 VJPs (stage 7 has b_7 = 0 and no dense output)
+    assert bw.nfe == 6 * sol.n_accepted and bw.n_vjp == 6 * sol.n_accepted
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize(
+    "method,kw", [("dopri5", {}), ("rk4", {"step_size": 0.1}), ("euler", {"step_size": 0.05})]
+)
+def test_checkpoint_equals_direct_to_rounding(rng, method, kw):
+    """Both are the exact gradient of the same discrete solve (dense outputs included)."""
+    p = mlp_params(rng)
+    z0 = rng.normal(size=(5, 2))
+    t = np.array([0.0, 0.13, 0.5, 0.77, 1.0])
+    w = rng.normal(size=(len(t), 5, 2))
+
+    def loss(z0, p, adjoint, f=mlp):
+        ys = odeint(f, z0, t, p, method=method, adjoint=adjoint, rtol=1e-6, atol=1e-8, **kw)
+        return anp.sum(w * anp.tanh(ys))
+
+    g_dir = grad(loss, (0, 1))(z0, p, "direct")
+    g_chk = grad(loss, (0, 1))(z0, p, "checkpoint")
+    g_fus = grad(loss, (0, 1))(z0, p, "checkpoint", FusedMLP())
+    for a, b in [(g_dir, g_chk), (g_dir, g_fus)]:
+        la, lb = tree_leaves(a)[0], tree_leaves(b)[0]
+        for x, y in zip(la, lb, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_mlp_gradients_against_finite_differences(rng, adjoint):
+    p = mlp_params(rng)
+    z0 = rng.normal(size=(3, 2))
+    t = np.array([0.0, 0.4, 1.0])
+    kw = dict(rtol=1e-10, atol=1e-12, adjoint=adjoint)
+
+    def loss(z0, p):
+        ys = odeint(mlp, z0, t, p, **kw)
+        return anp.sum(ys[1] ** 2) + anp.sum(anp.sin(ys[-1]))
+
+    gz, gp = grad(loss, (0, 1))(z0, p)
+    leaves, rebuild = tree_leaves(p)
+    gleaves = tree_leaves(gp)[0]
+    eps = 1e-6
+    # central differences along two random directions in every leaf and in z0
+    for _ in range(2):
+        dz = rng.normal(size=z0.shape)
+        fd = (loss(z0 + eps * dz, p) - loss(z0 - eps * dz, p)) / (2 * eps)
+        assert abs(fd - np.sum(gz * dz)) < 1e-6 * max(1.0, abs(fd))
+        dirs = [rng.normal(size=np.shape(leaf)) for leaf in leaves]
+        pp = rebuild([leaf + eps * d for leaf, d in zip(leaves, dirs, strict=True)])
+        pm = rebuild([leaf - eps * d for leaf, d in zip(leaves, dirs, strict=True)])
+        fd = (loss(z0, pp) - loss(z0, pm)) / (2 * eps)
+        an = sum(np.sum(g * d) for g, d in zip(gleaves, dirs, strict=True))
+        assert abs(fd - an) < 1e-6 * max(1.0, abs(fd))
+
+
+def test_fused_vjp_matches_autograd_backsolve(rng):
+    p = mlp_params(rng)
+    z0 = rng.normal(size=(4, 2))
+    t = np.array([0.0, 1.0])
+    fused = FusedMLP()
+
+    def loss(z0, p, f):
+        return anp.sum(odeint(f, z0, t, p, adjoint="backsolve", rtol=1e-8, atol=1e-10) ** 2)
+
+    g_ref = grad(loss, (0, 1))(z0, p, mlp)
+    g_fus = grad(loss, (0, 1))(z0, p, fused)
+    assert fused.calls > 0
+    for x, y in zip(tree_leaves(g_ref)[0], tree_leaves(g_fus)[0], strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_decreasing_times_gradient(rng, adjoint):
+    A = rng.normal(size=(3, 3)) / 2
+    z1 = rng.normal(size=3)
+    c = rng.normal(size=3)
+
+    def loss(A):
+        return anp.dot(
+            c,
+            odeint(linear, z1, np.array([1.0, 0.0]), A, rtol=1e-10, atol=1e-12, adjoint=adjoint)[
+                -1
+            ],
+        )
+
+    # z(0) = expm(-A) z1, dL/dA = -L_expm(-A^T, c z1^T)
+    exact = -expm_frechet(-A.T, np.outer(c, z1), compute_expm=False)
+    assert np.abs(grad(loss)(A) - exact).max() < 1e-8 * np.abs(exact).max()
+
+
+def test_float32_gradients_keep_dtype(rng):
+    A = (rng.normal(size=(2, 2)) / 2).astype(np.float32)
+    z0 = rng.normal(size=2).astype(np.float32)
+    t = np.array([0.0, 1.0])
+    for adjoint in ADJOINTS:
+
+        def loss(z, A, adjoint=adjoint):
+            return anp.sum(odeint(linear, z, t, A, adjoint=adjoint)[-1])
+
+        g, gA = grad(loss, (0, 1))(z0, A)
+        assert g.dtype == np.float32 and gA.dtype == np.float32
+
+
+def test_no_tracing_without_boxes(rng):
+    """A plain call returns a plain ndarray and leaves the backward stats empty."""
+    sol = solve(linear, np.ones(2), np.array([0.0, 1.0]), np.eye(2))
+    assert type(sol.ys) is np.ndarray and not sol.backward.computed
