@@ -1,0 +1,15 @@
+"""Registry entries for Glow's layers: ActNorm (vectors and images), Squeeze, a flow step and
+the multi-scale model on tiny images."""
+
+import flowmath as fm
+from registry import Case
+
+CASES = [
+    Case("ActNorm-vec", fm.ActNorm, (6,)),
+    Case("ActNorm-img", fm.ActNorm, (2, 4, 4)),
+    Case("Squeeze", fm.Squeeze, (2, 4, 4), grads=False),  # no parameters
+    Case("GlowStep", lambda: fm.GlowStep(hidden=(8,)), (4, 4, 4)),
+    Case("GlowStep-plain", lambda: fm.GlowStep(hidden=(8,), lu=False), (2, 4, 4)),
+    Case("Glow-2x4x4-L2", lambda: fm.Glow(levels=2, steps=1, hidden=(8,)), (2, 4, 4)),
+    Case("Glow-1x4x4-L1K2", lambda: fm.Glow(levels=1, steps=2, hidden=(4, 4)), (1, 4, 4)),
+]
