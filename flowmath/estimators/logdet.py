@@ -1,4 +1,4 @@
-r"""Log-determinant estimators for residual blocks :math:`F(x) = x + g(x)`, :math:`\mathrm{Lip}(g) < 1`.
+r"""Log-determinant estimators for residual blocks :math:`F(x) = x + g(x)`, Lip(g) < 1.
 
 Each of ``n`` samples has its own Jacobian :math:`J_i = \partial g / \partial x (x_i)` (``d x d``),
 seen only through vector-Jacobian products: ``vjp(V)`` maps ``V`` of shape ``(n, d)`` (row ``i``

@@ -280,7 +280,9 @@ def hutchinson_variance(A, probe: str = "gaussian") -> float:
     if A.ndim != 2 or A.shape[0] != A.shape[1] or not (
         np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.integer)
     ):
-        raise ValueError(f"`A` must be a square real 2-D array; got shape {A.shape}, dtype {A.dtype}")
+        raise ValueError(
+            f"`A` must be a square real 2-D array; got shape {A.shape}, dtype {A.dtype}"
+        )
     A = A.astype(np.float64)
     sym = 0.5 * (A + A.T)
     fro2 = float(np.sum(sym * sym))
