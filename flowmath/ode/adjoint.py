@@ -21,11 +21,11 @@ For a loss :math:`L(y(t_0), \\dots, y(t_{T-1}))` the three modes of ``adjoint=``
     ``adjoint_atol``.
 
 ``"checkpoint"``
-    store the state at every accepted step of the forward solve; backwards, per step, recompute
-    the stages and run the vector-Jacobian product of each stage in reverse.  This is the exact
-    gradient (to rounding) of the discrete map the forward solve computed, with the step sizes
-    held fixed (as selected by the controller), at the cost of ``s - 1`` evaluations and at most
-    ``s`` VJPs per step and ``n_accepted + 1`` stored states.
+    store every accepted step of the forward solve (its ``s`` stage inputs); backwards, per step,
+    run the vector-Jacobian product of each stage in reverse.  This is the exact gradient (to
+    rounding) of the discrete map the forward solve computed, with the step sizes held fixed (as
+    selected by the controller), at the cost of at most ``s`` VJPs per step (no evaluation of
+    ``f`` without its VJP) and ``s * n_accepted + 1`` stored states.
 
 ``"direct"``
     autograd traces the Runge-Kutta stages of the accepted steps (the step sizes are selected by
@@ -122,7 +122,9 @@ class _Context:
         self.opts = opts
         self.backward_stats = backward
         self.stats = stats
-        self.trace = Trace() if adjoint in ("checkpoint", "direct") else None
+        # checkpoint keeps the stage inputs of every accepted step (s states per step, no
+        # recomputation in the backward pass); direct needs only the step grid.
+        self.trace = Trace(store_stages=adjoint == "checkpoint") if adjoint != "backsolve" else None
         self.ys_flat = None
         self.counts = None
 
@@ -247,26 +249,17 @@ class _Context:
         s = tab.n_stages
         N = self.y0flat.shape[0]
         P = sum(int(np.size(leaf)) for leaf in self.leaves_raw) if need_params else 0
-        fun = make_flat_fun(self.f, self.params, self.shape)
         tr = self.trace
         n_steps = len(tr.steps)
         a = np.zeros(N)
         for k in tr.node_out.get(n_steps, ()):
             a = a + g[k]
         a_theta = np.zeros(P)
-        K = np.empty((s, N))
-        Y = np.empty((s, N))
         Kbar = np.empty((s, N))
         nfe = n_vjp = 0
         b_live = b != 0
         for n in range(n_steps - 1, -1, -1):
-            t_n, h, y_n = tr.steps[n]
-            # Recompute the stage inputs Y_i (the last stage's K is never needed).
-            Y[0] = y_n
-            for i in range(s - 1):
-                K[i] = fun(t_n + c[i] * h, Y[i])
-                Y[i + 1] = y_n + h * (A[i + 1, : i + 1] @ K[: i + 1])
-            nfe += s - 1
+            t_n, h, _, Y = tr.steps[n]  # Y: the stage inputs stored by the forward pass
             # Cotangents of the stage derivatives K_i: y_{n+1} = y_n + h sum b_i K_i and the
             # dense outputs y_n + h sum w_i(theta) K_i.
             np.multiply.outer(h * b, a, out=Kbar)
@@ -297,7 +290,7 @@ class _Context:
             n_steps=n_steps,
             n_accepted=n_steps,
             n_rejected=0,
-            n_stored_states=n_steps + 1,
+            n_stored_states=s * n_steps + 1,
         )
         return a, a_theta
 
@@ -362,7 +355,7 @@ def _direct(ctx, f, y0, leaves, rebuild):
 
     K_last = None
     n_f = 0
-    for n, (t_n, h, _) in enumerate(tr.steps):
+    for n, (t_n, h, _, _) in enumerate(tr.steps):
         if tab.fsal and K_last is not None:
             K = [K_last]
         else:

@@ -108,7 +108,8 @@ class BackwardStats:
         by integrating backwards, a diagnostic of the reverse-time reconstruction error.
     n_stored_states : int
         Memory of the gradient in units of one state (``y0.size`` numbers): ``len(t)`` outputs for
-        ``"backsolve"``, the ``n_accepted + 1`` checkpoints for ``"checkpoint"``, the traced stage
+        ``"backsolve"``, the ``s`` stage inputs of every accepted step plus ``y0`` for
+        ``"checkpoint"``, the traced stage
         inputs for ``"direct"`` (a lower bound: ``f``'s own intermediates are on autograd's tape).
     fused_vjp : bool
         Whether ``f.vjp`` (the fused protocol) was used instead of autograd's ``make_vjp``.
@@ -322,11 +323,13 @@ def _validate_common(f, y0, t, method, rtol, atol, adjoint, step_size, first_ste
 class Trace:
     """What a forward pass records for the gradient: accepted steps and where outputs came from.
 
-    ``steps[n] = (t_n, h_n, y_n)`` (``y_n`` the flat state at the start of step ``n``);
+    ``steps[n] = (t_n, h_n, y_n, stages_n)`` (``y_n`` the flat state at the start of step ``n``,
+    ``stages_n`` the list of its ``s`` stage inputs when ``store_stages``, else ``None``);
     ``node_out[m]`` lists the output indices equal to the state after ``m`` accepted steps;
     ``dense_out[n]`` lists ``(k, theta)`` for outputs interpolated inside step ``n``.
     """
 
+    store_stages: bool = False
     steps: list = field(default_factory=list)
     node_out: dict = field(default_factory=dict)
     dense_out: dict = field(default_factory=dict)
@@ -457,6 +460,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             f"t={t_out[-1]!r}, more than max_steps={max_steps}; raise `max_steps` or the step"
         )
     K = np.empty((s, y0.shape[0]))
+    store = trace is not None and trace.store_stages
     y = y0
     node = 0
     for k in range(1, t_out.shape[0]):
@@ -466,8 +470,12 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             t_new = tb if j == mk - 1 else ta + (tb - ta) * (j + 1) / mk
             h = t_new - t
             K[0] = fun(t, y)
+            stages = [y] if store else None
             for i in range(1, s):
-                K[i] = fun(t + c[i] * h, y + h * (A[i, :i] @ K[:i]))
+                yi = y + h * (A[i, :i] @ K[:i])
+                K[i] = fun(t + c[i] * h, yi)
+                if store:
+                    stages.append(yi)
             y_new = y + h * (b @ K)
             counts.nfe += s
             counts.n_steps += 1
@@ -475,7 +483,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             if not np.all(np.isfinite(y_new)):
                 raise _nonfinite_error(tab.name, float(t), float(h), what)
             if trace is not None:
-                trace.steps.append((t, h, y))
+                trace.steps.append((t, h, y, stages))
             y = y_new
             node += 1
             counts.h_last = h
@@ -494,6 +502,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
     t0, t_end = float(t_out[0]), float(t_out[-1])
     direction = 1.0 if t_end > t0 else -1.0
     K = np.empty((s, y0.shape[0]))
+    store = trace is not None and trace.store_stages
     K[0] = fun(t0, y0)
     counts.nfe += 1
     if not np.all(np.isfinite(K[0])):
@@ -534,9 +543,12 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
             if direction * (t_end - t_new) <= h_min:
                 t_new = t_end
             h = t_new - t
+            stages = [y] if store else None
             for i in range(1, s):
                 yi = y + h * (A_rows[i] @ K[:i])
                 K[i] = fun(t + c[i] * h, yi)
+                if store:
+                    stages.append(yi)
             # FSAL: the last stage input is y_{n+1} (A[-1] = b, c[-1] = 1).
             y_new = yi
             counts.nfe += s - 1
@@ -565,7 +577,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
                         _record_output(trace, "dense_out", node, (k_next, theta))
                     k_next += 1
                 if trace is not None:
-                    trace.steps.append((t, h, y))
+                    trace.steps.append((t, h, y, stages))
                 counts.n_accepted += 1
                 counts.h_last = abs(h)
                 node += 1
