@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._checks import check_choice, check_int, check_rng
-from .._xp import array_namespace
+from .._xp import array_namespace, getval
 
 __all__ = ["ACTIVATIONS", "TIME_MODES", "CNFDynamics", "MLPDynamics"]
 
@@ -149,6 +149,7 @@ class MLPDynamics:
 
     def check_params(self, params, dim: int | None = None) -> int:
         """Validate the structure of ``params``; return the state dimension it was made for."""
+        params = getval(params)
         n_layers = len(self.hidden) + 1
         keys = ({"W", "b", "u"} if self.time == "concat"
                 else {"W", "b", "gate_w", "gate_b", "bias_t"})
@@ -159,11 +160,12 @@ class MLPDynamics:
                 + (f" of length {len(params)}" if isinstance(params, (list, tuple)) else "")
             )
         for i, p in enumerate(params):
+            p = getval(p)
             if not isinstance(p, dict) or set(p) != keys:
                 got = sorted(p) if isinstance(p, dict) else type(p).__name__
                 raise ValueError(
                     f"`params[{i}]` must be a dict with keys {sorted(keys)}; got {got}")
-        d = int(np.shape(params[0]["W"])[0])
+        d = int(np.shape(getval(getval(params[0])["W"]))[0])
         if dim is not None and d != dim:
             raise ValueError(f"`params` were made for states of dimension {d}; got dimension {dim}")
         return d
