@@ -21,6 +21,7 @@ from __future__ import annotations
 import autograd.numpy as anp
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 from autograd.scipy.linalg import solve_triangular
 
 from .._checks import check_int
@@ -44,6 +45,21 @@ def _check_kernel_size(kernel_size) -> int:
     if k % 2 == 0:
         raise ValueError(f"`kernel_size` must be odd (the kernel needs a centre tap); got {k}")
     return k
+
+
+def _rcond_1norm(w) -> float:
+    """LAPACK's estimate of ``1 / (||W||_1 ||W^-1||_1)`` from an LU factorisation (``getrf`` +
+    ``gecon``: ``O(c^3 / 3)`` flops, several times cheaper than an SVD); 0 when ``W`` is
+    exactly singular."""
+    w = np.asarray(w, dtype=np.float64)
+    if not np.all(np.isfinite(w)):
+        return 0.0
+    getrf, gecon = scipy.linalg.lapack.get_lapack_funcs(("getrf", "gecon"), (w,))
+    lu, _, info = getrf(w)
+    if info > 0:
+        return 0.0
+    rcond, _ = gecon(lu, float(np.abs(w).sum(axis=0).max()), norm="1")
+    return float(rcond)
 
 
 def _check_log_range(log_v, name):
@@ -102,8 +118,8 @@ class InvConv1x1(Bijection):
         ``O(c)``, inverse by two triangular solves ``O(c^3)`` and one product ``O(c^2 d)``;
         ``W`` is never singular.
         ``False``: a full matrix ``weight``; log-det by ``slogdet`` ``O(c^3)``, inverse by
-        ``inv`` ``O(c^3)`` then one product; a (numerically) singular ``weight`` raises
-        ``ValueError``.
+        ``inv`` ``O(c^3)`` then one product; a (numerically) singular ``weight`` (LAPACK's
+        1-norm reciprocal condition estimate below ``64 eps``) raises ``ValueError``.
 
     Notes
     -----
@@ -174,13 +190,12 @@ class InvConv1x1(Bijection):
 
     def _check_full(self, weight):
         w = to_numpy(weight)
-        sv = np.linalg.svd(w.astype(np.float64), compute_uv=False)
-        rcond = sv[-1] / sv[0] if sv[0] > 0 else 0.0
+        rcond = _rcond_1norm(w)
         threshold = _rcond_threshold(w.dtype)
         if not rcond > threshold:
             raise ValueError(
                 f"`params['weight']` must be a non-singular {w.shape[0]}x{w.shape[0]} matrix; got "
-                f"reciprocal condition number {rcond:.3g} (<= {threshold:.3g}): the 1x1 "
+                f"1-norm reciprocal condition number {rcond:.3g} (<= {threshold:.3g}): the 1x1 "
                 "convolution is not invertible and its log-det is -inf"
             )
 
