@@ -274,3 +274,31 @@ def test_neumann_backprop_visits_one_vjp():
 
     autograd.grad(mean_logdet)(W)
     assert mean_logdet.calls == len(boxed_outputs) >= 5  # 4+ series terms + the surrogate
+
+
+@pytest.mark.parametrize("L, p, n_exact, n_probes, probe", [
+    (0.5, 0.5, 1, 1, "gaussian"),
+    (0.6, 0.3, 0, 2, "rademacher"),
+])
+def test_roulette_std_matches_exact_formula(L, p, n_exact, n_probes, probe):
+    d, n = 5, 60_000
+    J = normalised(d, L, 4)
+    r = est.roulette_logdet(linear_vjp(J), n, d, p=p, n_exact=n_exact, n_probes=n_probes,
+                            probe=probe, rng=np.random.default_rng(3), per_sample=True)
+    sd = est.roulette_std(J, p=p, n_exact=n_exact, n_probes=n_probes, probe=probe)
+    x = r.logdet
+    c = x - x.mean()
+    se = np.sqrt((np.mean(c**4) - np.var(x) ** 2) / n)
+    z = (np.var(x, ddof=1) - sd**2) / se
+    assert abs(z) < Z, (np.var(x, ddof=1), sd**2, z)
+
+
+def test_roulette_std_limits():
+    J = normalised(4, 0.6, 5)
+    series = est.power_series_bias_std(J, 3).std[-1]
+    assert est.roulette_std(J, p=1.0, n_exact=2) == pytest.approx(series, rel=1e-14)
+    # but p -> 1 does not approach it: the variance is infinite once ||J||^2 >= 1 - p
+    with pytest.raises(ValueError, match="finite only for"):
+        est.roulette_std(normalised(4, 0.75, 5), p=0.5)
+    with pytest.raises(ValueError, match="finite only for"):
+        est.roulette_std(J, p=1 - 1e-7, n_exact=2)

@@ -15,6 +15,7 @@ from .logdet import (
     power_series_bias_std,
     power_series_logdet,
     roulette_logdet,
+    roulette_std,
     roulette_survival,
     series_truncation_bound,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "power_series_bias_std",
     "power_series_logdet",
     "roulette_logdet",
+    "roulette_std",
     "roulette_survival",
     "series_truncation_bound",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "power_series_bias_std",
     "power_series_logdet",
     "roulette_logdet",
+    "roulette_std",
     "roulette_survival",
     "series_truncation_bound",
 ]
@@ -719,3 +720,114 @@ def power_series_bias_std(jac, n_terms: int, *, n_probes: int = 1,
         std.append(math.sqrt(hutchinson_variance(M, probe) / n_probes))
     mean = np.array(mean)
     return SeriesMoments(float(logdet), mean, logdet - mean, np.array(std))
+
+
+def roulette_std(jac, *, p: float = 0.5, n_exact: int = 1, n_probes: int = 1,
+                 probe: str = "gaussian", rtol: float = 1e-10, max_terms: int = 5000) -> float:
+    r"""Exact standard deviation of :func:`roulette_logdet` (geometric ``N``) for a linear block.
+
+    For :math:`g(x) = J x` the estimate is :math:`X = \sum_k c_k w_k(N)\, \bar a_k` with
+    :math:`c_k = (-1)^{k+1}/k`, :math:`w_k = 1[N \ge k - m] / P(N \ge k - m)` and
+    :math:`\bar a_k` the probe mean of :math:`v^\top J^k v` (all probes share ``N``). Since
+    :math:`\mathbb{E}_N[w_k w_j] = 1 / P(N \ge \min(k, j) - m)`,
+
+    .. math::
+        \mathbb{E} X^2 = \sum_{k, j \ge 1} \frac{c_k c_j}{P(N \ge \min(k,j) - m)}
+        \Big(\operatorname{tr} J^k \operatorname{tr} J^j
+        + \tfrac{2}{n_p}\big[\operatorname{tr}(\operatorname{sym} J^k
+        \operatorname{sym} J^j) - \delta_{\text{Rad}} \textstyle\sum_i (J^k)_{ii} (J^j)_{ii}
+        \big]\Big),
+        \qquad \operatorname{Var} X = \mathbb{E} X^2 - \log\det(I + J)^2 .
+
+    The double sum converges when :math:`\|J\|_2^2 < 1 - p` (checked). It is summed until a
+    rigorous bound on the remaining tail (from :math:`\|J^k\|_2 \le \|J^K\|_2
+    \|J\|_2^{k-K}`) falls below ``rtol`` times the variance. ``p = 1`` is the deterministic
+    series with ``m + 1`` terms (:func:`power_series_bias_std`).
+
+    Parameters
+    ----------
+    jac : array, shape (d, d)
+    p : float in (0, 1]
+        Geometric parameter (the Poisson law gives infinite variance; see
+        :func:`roulette_logdet`).
+    n_exact, n_probes, probe : as in :func:`roulette_logdet`.
+    rtol : float, optional
+        Relative accuracy of the variance.
+    max_terms : int, optional
+        Cap on the truncation index; needing more raises.
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Chen, R. T. Q. et al. (2019). Residual flows for invertible generative modeling.
+    arXiv:1906.02735.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> roulette_std(np.zeros((3, 3)))   # log det(I) = 0 with every term zero
+    0.0
+    """
+    J = np.asarray(getval(jac))
+    if J.ndim != 2 or J.shape[0] != J.shape[1]:
+        raise ValueError(f"`jac` must have shape (d, d); got {J.shape}")
+    J = J.astype(np.float64)
+    if not np.all(np.isfinite(J)):
+        raise ValueError("`jac` must be finite")
+    p = check_probability(p, "p")
+    n_exact = check_int(n_exact, "n_exact", minimum=0)
+    n_probes = check_int(n_probes, "n_probes", minimum=1)
+    check_choice(probe, "probe", PROBES)
+    rtol = check_positive(rtol, "rtol")
+    max_terms = check_int(max_terms, "max_terms", minimum=1)
+    d = J.shape[0]
+    L = float(np.linalg.norm(J, 2))
+    if L == 0.0:
+        return 0.0
+    if p == 1.0:
+        return float(power_series_bias_std(J, n_exact + 1, n_probes=n_probes, probe=probe).std[-1])
+    ratio = L * L / (1.0 - p)
+    if ratio >= 1.0 or L >= 1.0:
+        raise ValueError(
+            f"`jac`: the roulette variance is finite only for ||J||^2 < 1 - p; got "
+            f"||J|| = {L:.6g}, `p` = {p!r}"
+        )
+    sign, logdet = np.linalg.slogdet(np.eye(d) + J)
+    if sign <= 0:
+        raise ValueError("`jac`: det(I + J) must be > 0")
+    A = d * (d + 4.0 / n_probes)  # bounds |tr J^k tr J^j| + 2|cross_kj| / n_p by A b_k b_j
+    tr, sym, diag, c, inv_s, b = [], [], [], [], [], []
+    second = 0.0
+    P = np.eye(d)
+    for K in range(1, max_terms + 1):
+        P = P @ J
+        tr.append(np.trace(P))
+        sym.append((0.5 * (P + P.T)).ravel())
+        diag.append(np.diag(P).copy())
+        c.append((-1.0) ** (K + 1) / K)
+        inv_s.append(1.0 / (1.0 - p) ** (max(K - n_exact, 1) - 1))
+        b.append(float(np.linalg.norm(P, 2)))
+        # pairs (K, j), j <= K: min(K, j) = j
+        Sj = np.array(sym)
+        cross = Sj @ sym[-1]
+        if probe == "rademacher":
+            cross = cross - np.array(diag) @ diag[-1]
+        pair = np.array(c) * c[-1] * np.array(inv_s) * (np.array(tr) * tr[-1]
+                                                         + 2.0 * cross / n_probes)
+        second += 2.0 * np.sum(pair[:-1]) + pair[-1]
+        if K <= n_exact:
+            continue
+        first = A * b[-1] * L / ((1 - L) * (K + 1)) * np.sum(np.abs(c) * np.array(b)
+                                                             * np.array(inv_s))
+        rest = (A * b[-1] ** 2 / ((K + 1) ** 2 * (1 - L))
+                * (1.0 - p) ** (-max(K - n_exact - 1, 0)) * ratio / (1 - ratio))
+        tail = 2.0 * (first + rest)
+        var = second - logdet * logdet
+        if tail <= rtol * max(var, 0.0) or tail < 1e-300:
+            return float(math.sqrt(max(var, 0.0)))
+    raise ValueError(
+        f"`max_terms` = {max_terms} too small for `rtol` = {rtol!r} at ||J|| = {L:.6g}, `p` = {p!r}"
+    )
