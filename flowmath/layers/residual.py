@@ -39,7 +39,7 @@ from .. import estimators
 from .. import lipschitz as lip
 from .._checks import check_choice, check_int, check_positive
 from .._xp import array_namespace, getval, to_numpy
-from .base import VECTOR, Bijection
+from .base import VECTOR, Bijection, cast_tree
 
 __all__ = ["FixedPointError", "FixedPointInfo", "IResBlock", "solve_fixed_point"]
 
@@ -196,6 +196,26 @@ def _mlp(x, Ws, bs, act):
     return h, pre
 
 
+def _mlp_host(x, Ws, bs, act):
+    """g(x) for plain NumPy arrays with in-place activations (the fixed-point loop; never
+    differentiated by autograd — the primitive's VJP uses :func:`_mlp`)."""
+    last = len(Ws) - 1
+    h = x
+    for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
+        a = h @ W.T
+        a += b
+        if i < last:
+            if act == "elu":
+                neg = np.minimum(a, 0.0)
+                np.expm1(neg, out=neg)
+                np.maximum(a, 0.0, out=a)
+                a += neg
+            else:
+                a = lip.ACTIVATIONS[act][0](a)
+        h = a
+    return h
+
+
 def _mlp_vjp(V, Ws, pre, act):
     """Rows :math:`v_i^\\top J_g(x_i)`: ``((V W_L) * phi'(a_{L-1})) W_{L-1} ... W_1``."""
     dphi = lip.ACTIVATIONS[act][1]
@@ -203,6 +223,15 @@ def _mlp_vjp(V, Ws, pre, act):
     h = xp.dot(V, Ws[-1])
     for W, a in zip(reversed(Ws[:-1]), reversed(pre), strict=True):
         h = xp.dot(h * dphi(a), W)
+    return h
+
+
+def _mlp_vjp_slopes(V, Ws, slopes):
+    """:func:`_mlp_vjp` with the slopes ``phi'(a_i)`` precomputed."""
+    xp = array_namespace(V, Ws, slopes)
+    h = xp.dot(V, Ws[-1])
+    for W, s in zip(reversed(Ws[:-1]), reversed(slopes), strict=True):
+        h = xp.dot(h * s, W)
     return h
 
 
@@ -235,8 +264,12 @@ def _fixed_point(spec, y, *wb):
     k = len(wb) // 2
     Ws, bs = list(wb[:k]), list(wb[k:])
 
-    def g(x):
-        return _mlp(x, Ws, bs, spec.act)[0]
+    if array_namespace(y, Ws, bs) is np:
+        def g(x):
+            return _mlp_host(x, Ws, bs, spec.act)
+    else:  # CuPy
+        def g(x):
+            return _mlp(x, Ws, bs, spec.act)[0]
 
     x, spec.info = solve_fixed_point(g, y, spec.L, tol=spec.tol, max_iter=spec.max_iter,
                                      record=spec.record)
@@ -510,8 +543,12 @@ class IResBlock(Bijection):
                 return ld * xp.ones(n, dtype=dtype)
             return estimators.exact_logdet(_mlp_jacobian(Wn, pre, self.activation))
 
+        # phi'(a) once for all terms (not once per vjp call)
+        dphi = lip.ACTIVATIONS[self.activation][1]
+        slopes = [dphi(a) for a in pre]
+
         def vjp(V):
-            return _mlp_vjp(V, Wn, pre, self.activation)
+            return _mlp_vjp_slopes(V, Wn, slopes)
 
         if self.logdet == "series":
             return estimators.power_series_logdet(
@@ -539,6 +576,44 @@ class IResBlock(Bijection):
         x, _ = self._solve(params, y, None, None, False)
         _, ld = self._forward(params, x, rng)
         return x, -ld
+
+    def invert(self, params, y, *, tol: float | None = None, max_iter: int | None = None,
+               record: bool = False):
+        """The fixed-point inverse alone (no log-det): ``(x, info)``.
+
+        Differentiable by autograd in ``params`` and ``y`` (implicit-function theorem). Use it
+        for sampling when the log-det is not needed; :meth:`inverse_with_info` adds it.
+
+        Parameters
+        ----------
+        params : pytree
+        y : ndarray, shape (n, d)
+        tol : float, optional
+            Relative tolerance: stop when the Banach bound of every row is at most
+            ``tol * max(1, ||y_i||)`` (default: the layer's ``tol``, else ``64 * eps``).
+        max_iter : int, optional
+            Iteration cap (default: the layer's ``max_iter``); exceeding it raises
+            :class:`FixedPointError`.
+        record : bool
+            Keep every iterate and bound in ``info.history``.
+
+        Returns
+        -------
+        x : ndarray (n, d)
+        info : FixedPointInfo
+        """
+        # the inverse map draws nothing: validate as the base class does, without `rng`
+        y = self._validate_x(y, "y")
+        d = self._event_shape(params)[0]
+        if getval(y).shape[1] != d:
+            raise ValueError(f"`y` must have shape (n, {d}) to match the parameters; "
+                             f"got {getval(y).shape}")
+        params = cast_tree(params, getval(y).dtype)
+        if tol is not None:
+            tol = check_positive(tol, "tol")
+        if max_iter is not None:
+            max_iter = check_int(max_iter, "max_iter", minimum=1)
+        return self._solve(params, y, tol, max_iter, record)
 
     def inverse_with_info(self, params, y, rng=None, *, tol: float | None = None,
                           max_iter: int | None = None, record: bool = False):
