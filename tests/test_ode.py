@@ -263,6 +263,15 @@ def test_non_finite_states_detected():
         odeint(f, np.ones(2), np.array([0.0, 1.0]), method="rk4", step_size=0.25)
     with pytest.raises(ODESolverError, match="non-finite"):
         odeint(lambda t, y, p: np.full_like(y, np.inf), np.ones(2), np.array([0.0, 1.0]))
+    # a bounded field whose state overflows: every stage is finite, the error estimate is 0,
+    # only the state itself is inf
+    with pytest.raises(ODESolverError, match="non-finite"):
+        odeint(
+            lambda t, y, p: np.full_like(y, 1e308),
+            np.full(2, 1e308),
+            np.array([0.0, 10.0]),
+            first_step=1.0,
+        )
 
 
 @pytest.mark.parametrize(

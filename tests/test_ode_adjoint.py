@@ -133,7 +133,7 @@ def test_checkpoint_counts(rng):
     grad(loss)(np.ones(3))
     sol = box[0]
     bw = sol.backward
-    assert bw.n_accepted == sol.n_accepted and bw.n_stored_states == 7 * sol.n_accepted + 1
+    assert bw.n_accepted == sol.n_accepted and bw.n_stored_states == 6 * sol.n_accepted + 1
     # per step 6 VJPs (stage 7 has b_7 = 0 and no dense output here); stages are stored, so no
     # evaluation of f without its VJP
     assert bw.nfe == 0 and bw.n_vjp == 6 * sol.n_accepted

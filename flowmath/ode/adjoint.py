@@ -25,7 +25,8 @@ For a loss :math:`L(y(t_0), \\dots, y(t_{T-1}))` the three modes of ``adjoint=``
     run the vector-Jacobian product of each stage in reverse.  This is the exact gradient (to
     rounding) of the discrete map the forward solve computed, with the step sizes held fixed (as
     selected by the controller), at the cost of at most ``s`` VJPs per step (no evaluation of
-    ``f`` without its VJP) and ``s * n_accepted + 1`` stored states.
+    ``f`` without its VJP) and ``s * n_accepted + 1`` stored states (``(s - 1) * n_accepted + 1``
+    with First-Same-As-Last, where a step's last stage input is the next step's first).
 
 ``"direct"``
     autograd traces the Runge-Kutta stages of the accepted steps (the step sizes are selected by
@@ -290,7 +291,8 @@ class _Context:
             n_steps=n_steps,
             n_accepted=n_steps,
             n_rejected=0,
-            n_stored_states=s * n_steps + 1,
+            # FSAL: a step's last stage input is the next step's first (one array, kept once)
+            n_stored_states=((s - 1) if tab.fsal else s) * n_steps + 1,
         )
         return a, a_theta
 
@@ -381,7 +383,7 @@ def _direct(ctx, f, y0, leaves, rebuild):
         n_steps=len(tr.steps),
         n_accepted=len(tr.steps),
         n_rejected=0,
-        n_stored_states=s * len(tr.steps) + 1,
+        n_stored_states=((s - 1) if tab.fsal else s) * len(tr.steps) + 1,
     )
     return _mark_backward(ys, ctx)
 

@@ -108,9 +108,10 @@ class BackwardStats:
         by integrating backwards, a diagnostic of the reverse-time reconstruction error.
     n_stored_states : int
         Memory of the gradient in units of one state (``y0.size`` numbers): ``len(t)`` outputs for
-        ``"backsolve"``, the ``s`` stage inputs of every accepted step plus ``y0`` for
-        ``"checkpoint"``, the traced stage
-        inputs for ``"direct"`` (a lower bound: ``f``'s own intermediates are on autograd's tape).
+        ``"backsolve"``; the distinct stage inputs of the accepted steps for ``"checkpoint"``
+        (``(s - 1) n + 1`` with First-Same-As-Last, ``s n + 1`` otherwise); the same count of
+        traced stage inputs for ``"direct"`` (a lower bound: ``f``'s own intermediates are on
+        autograd's tape too).
     fused_vjp : bool
         Whether ``f.vjp`` (the fused protocol) was used instead of autograd's ``make_vjp``.
     """
@@ -352,7 +353,14 @@ class Counts:
 
 
 def _rms(x):
-    return math.sqrt(float(np.dot(x, x)) / x.size) if x.size else 0.0
+    """Root mean square, scaled so that it does not overflow for entries up to float max."""
+    if not x.size:
+        return 0.0
+    big = float(np.max(np.abs(x)))
+    if big == 0.0 or not math.isfinite(big):
+        return big
+    y = x / big
+    return big * math.sqrt(float(np.dot(y, y)) / x.size)
 
 
 def _select_initial_step(fun, t0, y0, f0, direction, interval, order, rtol, atol, m):
@@ -427,12 +435,15 @@ def integrate(
         if trace is not None:
             trace.y_end = y0
         return ys, counts
-    if tab.adaptive:
-        _adaptive(
-            fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, ys, counts, what
-        )
-    else:
-        _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what)
+    # Overflow and NaN are detected explicitly (rejection, then ODESolverError naming t and h),
+    # so numpy's floating-point warnings are silenced inside the drivers.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if tab.adaptive:
+            _adaptive(
+                fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, ys, counts, what
+            )
+        else:
+            _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what)
     return ys, counts
 
 
@@ -480,7 +491,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             counts.nfe += s
             counts.n_steps += 1
             counts.n_accepted += 1
-            if not np.all(np.isfinite(y_new)):
+            if not np.isfinite(y_new).all():
                 raise _nonfinite_error(tab.name, float(t), float(h), what)
             if trace is not None:
                 trace.steps.append((t, h, y, stages))
@@ -519,77 +530,78 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
     node = 0
     rejected = False
     nonfinite = False
-    with np.errstate(over="ignore", invalid="ignore"):
-        while direction * (t_end - t) > 0:
-            h_min = STEP_FLOOR_ULPS * np.spacing(abs(t))
-            if h_abs < h_min or not math.isfinite(h_abs):
-                why = (
-                    "the state or its derivative became non-finite (NaN or inf) and every smaller "
-                    "step failed too"
-                    if nonfinite
-                    else "the problem is stiff or the solution blows up"
-                )
-                raise ODESolverError(
-                    f"{tab.name}: step size h={direction * h_abs!r} at t={t!r} fell below the "
-                    f"floor {h_min:.3g} ({STEP_FLOOR_ULPS:g} ulp of t): {why}"
-                )
-            if counts.n_steps >= max_steps:
-                raise ODESolverError(
-                    f"{tab.name}: max_steps={max_steps} steps taken without reaching t={t_end!r} "
-                    f"(stopped at t={t!r}, h={direction * h_abs!r}); raise `max_steps`, or the "
-                    "problem is stiff"
-                )
-            t_new = t + direction * h_abs
-            if direction * (t_end - t_new) <= h_min:
-                t_new = t_end
-            h = t_new - t
-            stages = [y] if store else None
-            for i in range(1, s):
-                yi = y + h * (A_rows[i] @ K[:i])
-                K[i] = fun(t + c[i] * h, yi)
-                if store:
-                    stages.append(yi)
-            # FSAL: the last stage input is y_{n+1} (A[-1] = b, c[-1] = 1).
-            y_new = yi
-            counts.nfe += s - 1
-            counts.n_steps += 1
-            err = h * (E @ K)
-            scale = atol + rtol * np.maximum(np.abs(y[:m]), np.abs(y_new[:m]))
-            q = err[:m] / scale
-            err_norm = math.sqrt(float(np.dot(q, q)) / m) if m else 0.0
-            ok = math.isfinite(err_norm) and bool(np.all(np.isfinite(K[s - 1])))
-            if ok and err_norm <= 1.0:
-                if err_norm == 0.0:
-                    factor = MAX_FACTOR
-                else:
-                    factor = min(MAX_FACTOR, SAFETY * err_norm**exponent)
-                if rejected:
-                    factor = min(1.0, factor)
-                rejected = nonfinite = False
-                while k_next < T and direction * (t_out[k_next] - t_new) <= 0:
-                    tk = t_out[k_next]
-                    if tk == t_new:
-                        ys[k_next] = y_new
-                        _record_output(trace, "node_out", node + 1, k_next)
-                    else:
-                        theta = (tk - t) / h
-                        ys[k_next] = y + h * (tab.dense_weights(theta) @ K)
-                        _record_output(trace, "dense_out", node, (k_next, theta))
-                    k_next += 1
-                if trace is not None:
-                    trace.steps.append((t, h, y, stages))
-                counts.n_accepted += 1
-                counts.h_last = abs(h)
-                node += 1
-                t, y = t_new, y_new
-                K[0] = K[s - 1]
-                h_abs = abs(h) * factor
+    while direction * (t_end - t) > 0:
+        h_min = STEP_FLOOR_ULPS * np.spacing(abs(t))
+        if h_abs < h_min or not math.isfinite(h_abs):
+            why = (
+                "the state or its derivative became non-finite (NaN or inf) and every smaller "
+                "step failed too"
+                if nonfinite
+                else "the problem is stiff or the solution blows up"
+            )
+            raise ODESolverError(
+                f"{tab.name}: step size h={direction * h_abs!r} at t={t!r} fell below the "
+                f"floor {h_min:.3g} ({STEP_FLOOR_ULPS:g} ulp of t): {why}"
+            )
+        if counts.n_steps >= max_steps:
+            raise ODESolverError(
+                f"{tab.name}: max_steps={max_steps} steps taken without reaching t={t_end!r} "
+                f"(stopped at t={t!r}, h={direction * h_abs!r}); raise `max_steps`, or the "
+                "problem is stiff"
+            )
+        t_new = t + direction * h_abs
+        if direction * (t_end - t_new) <= h_min:
+            t_new = t_end
+        h = t_new - t
+        stages = [y] if store else None
+        for i in range(1, s):
+            yi = y + h * (A_rows[i] @ K[:i])
+            K[i] = fun(t + c[i] * h, yi)
+            if store:
+                stages.append(yi)
+        # FSAL: the last stage input is y_{n+1} (A[-1] = b, c[-1] = 1).
+        y_new = yi
+        counts.nfe += s - 1
+        counts.n_steps += 1
+        err = h * (E @ K)
+        scale = atol + rtol * np.maximum(np.abs(y[:m]), np.abs(y_new[:m]))
+        q = err[:m] / scale
+        err_norm = math.sqrt(float(np.dot(q, q)) / m) if m else 0.0
+        # K[s-1] enters err (e_s != 0), so a non-finite stage shows in err_norm; a field that
+        # saturates (tanh) can still leave y_new non-finite: check it.
+        ok = math.isfinite(err_norm) and bool(np.isfinite(y_new).all())
+        if ok and err_norm <= 1.0:
+            if err_norm == 0.0:
+                factor = MAX_FACTOR
             else:
-                nonfinite = not ok
-                factor = MIN_FACTOR if not ok else max(MIN_FACTOR, SAFETY * err_norm**exponent)
-                h_abs = abs(h) * factor
-                rejected = True
-                counts.n_rejected += 1
+                factor = min(MAX_FACTOR, SAFETY * err_norm**exponent)
+            if rejected:
+                factor = min(1.0, factor)
+            rejected = nonfinite = False
+            while k_next < T and direction * (t_out[k_next] - t_new) <= 0:
+                tk = t_out[k_next]
+                if tk == t_new:
+                    ys[k_next] = y_new
+                    _record_output(trace, "node_out", node + 1, k_next)
+                else:
+                    theta = (tk - t) / h
+                    ys[k_next] = y + h * (tab.dense_weights(theta) @ K)
+                    _record_output(trace, "dense_out", node, (k_next, theta))
+                k_next += 1
+            if trace is not None:
+                trace.steps.append((t, h, y, stages))
+            counts.n_accepted += 1
+            counts.h_last = abs(h)
+            node += 1
+            t, y = t_new, y_new
+            K[0] = K[s - 1]
+            h_abs = abs(h) * factor
+        else:
+            nonfinite = not ok
+            factor = MIN_FACTOR if not ok else max(MIN_FACTOR, SAFETY * err_norm**exponent)
+            h_abs = abs(h) * factor
+            rejected = True
+            counts.n_rejected += 1
     if trace is not None:
         trace.y_end = y
 
