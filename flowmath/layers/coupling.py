@@ -59,6 +59,7 @@ import functools
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.extend import defvjp, primitive
 
 from .. import nets
 from .._checks import _shape_str, check_choice
@@ -95,23 +96,36 @@ class _Partition:
             self.layout = "ba"
         else:
             self.layout = "perm"
-            self.inv_perm = np.argsort(np.concatenate([self.idx_a, self.idx_b]))
+            self.perm = np.concatenate([self.idx_a, self.idx_b])
+            self.inv_perm = np.argsort(self.perm)
         self.d = d
 
-    def _take(self, x, idx):
-        if len(idx) == idx[-1] - idx[0] + 1:
-            return x[:, idx[0] : idx[-1] + 1]
-        return x[:, idx]
-
+    # Slicing under autograd (``x[:, :k]``) has a VJP built on ``numpy.add.at``, which costs
+    # tens of milliseconds on a 256 x 784 batch; ``split`` and a permutation primitive have
+    # VJPs that are one ``concatenate`` / one gather.
     def split(self, x):
-        return self._take(x, self.idx_a), self._take(x, self.idx_b)
+        if self.layout == "ab":
+            return tuple(anp.split(x, [self.n_a], axis=1))
+        if self.layout == "ba":
+            xb, xa = anp.split(x, [self.n_b], axis=1)
+            return xa, xb
+        return tuple(anp.split(_permute(x, self.perm, self.inv_perm), [self.n_a], axis=1))
 
     def merge(self, xa, xb):
         if self.layout == "ab":
             return anp.concatenate([xa, xb], axis=1)
         if self.layout == "ba":
             return anp.concatenate([xb, xa], axis=1)
-        return anp.concatenate([xa, xb], axis=1)[:, self.inv_perm]
+        return _permute(anp.concatenate([xa, xb], axis=1), self.inv_perm, self.perm)
+
+
+@primitive
+def _permute(x, perm, inv):
+    """``x[:, perm]`` for a permutation ``perm`` of axis 1 (``inv`` its inverse)."""
+    return x[:, perm]
+
+
+defvjp(_permute, lambda ans, x, perm, inv: lambda g: _permute(g, inv, perm))
 
 
 @functools.lru_cache(maxsize=64)
@@ -372,9 +386,8 @@ class AffineCoupling(_Coupling):
     _m = 2
 
     def _scale_shift(self, params, h, nb):
-        k = h.shape[1] // 2
-        s = params["scale"] * anp.tanh(h[:, :k])
-        t = h[:, k:]
+        raw, t = anp.split(h, 2, axis=1)
+        s = params["scale"] * nets.tanh(raw)
         if nb is not None:
             s, t = s * nb, t * nb
         return s, t

@@ -314,7 +314,7 @@ class Glow(Bijection):
             params.append(p)
             if level < self.levels - 1:
                 h, _ = flow._forward(p, h, None)
-                h = h[:, : h.shape[1] // 2]
+                h = anp.split(h, 2, axis=1)[0]
         return params
 
     def _event_shape(self, params):
@@ -338,9 +338,10 @@ class Glow(Bijection):
     def _forward_level(self, params, x, level):
         h, logdet = self._flows[level]._forward(params[level], _squeeze(x), None)
         if level < self.levels - 1:
-            k = h.shape[1] // 2
-            rest, ld = self._forward_level(params, h[:, :k], level + 1)
-            h = anp.concatenate([rest, h[:, k:]], axis=1)
+            # split, not slicing: autograd's slice VJP goes through numpy.add.at (slow)
+            keep, z = anp.split(h, 2, axis=1)
+            rest, ld = self._forward_level(params, keep, level + 1)
+            h = anp.concatenate([rest, z], axis=1)
             logdet = logdet + ld
         return _unsqueeze(h), logdet
 
@@ -352,8 +353,8 @@ class Glow(Bijection):
         h = _squeeze(y)
         logdet = 0.0
         if level < self.levels - 1:
-            k = h.shape[1] // 2
-            rest, logdet = self._inverse_level(params, h[:, :k], level + 1)
-            h = anp.concatenate([rest, h[:, k:]], axis=1)
+            keep, z = anp.split(h, 2, axis=1)
+            rest, logdet = self._inverse_level(params, keep, level + 1)
+            h = anp.concatenate([rest, z], axis=1)
         x, ld = self._flows[level]._inverse(params[level], h, None)
         return _unsqueeze(x), logdet + ld

@@ -1,0 +1,349 @@
+"""Layer benchmarks W5 (RealNVP, d = 784) and W7 (Glow's 1x1 convolution) against plain torch.
+
+Workloads (``/shared/BENCHMARKS.md``), float32, 2 threads for every library:
+
+- **W5** RealNVP on d = 784: 8 affine couplings with alternating half masks, ``s`` and ``t``
+  from one MLP 392 -> 512 -> 512 -> 784 (ReLU; ``s = a * tanh(raw)``), batch 256:
+  (a) ``log_prob`` and the gradient of its mean with respect to every parameter;
+  (b) sampling 256. Baselines: the same model in plain torch, and ``zuko.flows.RealNVP``
+  (when installed; its masks and scale differ slightly, so it is context, not a twin).
+- **W7** Glow's 1x1 convolution on 256 x 48 x 16 x 16: forward with log-det, LU-parametrised
+  (log-det ``h w sum log|s|``) and plain (log-det ``h w slogdet(W)``), against the same two
+  parametrisations in torch (``conv2d`` with a 1x1 kernel, as Glow ports do).
+
+Timing protocol (the machines are shared and noisy): one process, 32 MiB allocated and freed at
+start, warm-up, then rounds that alternate the implementations (A B A B ...); the figure reported
+is the median over rounds of the per-round ratio flowmath / torch. Baselines are optional: a
+missing torch or zuko is skipped with a message.
+
+Run: ``python -m experiments.bench_layers [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")  # effective only if numpy is not loaded yet
+
+import autograd  # noqa: E402
+import autograd.numpy as anp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import flowmath as fm  # noqa: E402
+from flowmath._xp import getval  # noqa: E402
+
+__all__ = ["bench_w5", "bench_w7", "main"]
+
+THREADS = 2
+NOTES: list[str] = []
+
+
+def _note(msg: str) -> None:
+    NOTES.append(msg)
+    print(f"note: {msg}")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        _note("torch is not installed: baselines skipped (pip install 'flowmath[bench]')")
+        return None
+    torch.set_num_threads(THREADS)
+    return torch
+
+
+def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    """Time every callable in ``fns`` once per round, alternating; returns lists of seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]  # A B, B A: no fixed position advantage
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: dict, reference: str) -> dict:
+    out = {}
+    ref = np.asarray(times[reference])
+    for name, ts in times.items():
+        ts = np.asarray(ts)
+        out[name] = {
+            "median_ms": float(np.median(ts) * 1e3),
+            "ratio_to_" + reference: float(np.median(ts / ref)),
+        }
+    return out
+
+
+# -- W5 -------------------------------------------------------------------------------------------
+
+D, HALF, HIDDEN, N_LAYERS, BATCH = 784, 392, (512, 512), 8, 256
+
+
+class _BoxSafeChain(fm.Chain):
+    """``Chain`` whose parameter check accepts an autograd-boxed list (used only if the library's
+    ``Chain`` rejects one, see the note printed)."""
+
+    def _event_shape(self, params):
+        return super()._event_shape(getval(params))
+
+
+class _Float32Normal(fm.StandardNormal):
+    """Standard normal whose log-density keeps float32 (used only if the library's upcasts)."""
+
+    def log_prob(self, z):
+        d = int(np.prod(getval(z).shape[1:]))
+        return -0.5 * anp.sum(anp.reshape(z * z, (z.shape[0], -1)), axis=1) - 0.5 * d * math.log(
+            2 * math.pi)
+
+
+def _flowmath_w5(x, rng):
+    layers = [fm.AffineCoupling("half", HIDDEN, flip=bool(k % 2)) for k in range(N_LAYERS)]
+    chain = fm.Chain(layers)
+    flow = fm.Flow(chain)
+    params = flow.init(rng, x)
+
+    def loss(p):
+        return anp.mean(flow.log_prob(p, x))
+
+    try:
+        autograd.grad(loss)(params)
+    except ValueError as exc:
+        if "parameter trees" not in str(exc):
+            raise
+        _note(f"fm.Chain rejects autograd-boxed params ({exc}); using a box-safe Chain")
+        flow = fm.Flow(_BoxSafeChain(layers))
+        flow.init(rng, x)
+    if flow.log_prob(params, x).dtype != np.float32:
+        _note("fm.StandardNormal.log_prob upcasts float32 to float64 (so would the whole "
+              "backward pass); using a float32-preserving standard normal")
+        flow = fm.Flow(flow.layer, base=_Float32Normal())
+        flow.init(rng, x)
+    value_and_grad = autograd.value_and_grad(loss)
+    _, g = value_and_grad(params)
+    bad = [leaf.dtype for leaf in fm._xp.leaves(g) if leaf.dtype != np.float32]
+    if bad:
+        _note(f"flowmath W5 gradient has non-float32 leaves: {set(bad)}")
+    sample_rng = np.random.default_rng(1)
+    return (lambda: value_and_grad(params),
+            lambda: flow.sample(params, BATCH, sample_rng, dtype=np.float32),
+            flow, params)
+
+
+def _torch_w5(torch, params, x):
+    """The same model in plain torch, with flowmath's initial parameters."""
+    nn = torch.nn
+
+    class Coupling(nn.Module):
+        def __init__(self, p, flip):
+            super().__init__()
+            self.flip = flip
+            self.lins = nn.ModuleList()
+            for q in p["net"]:
+                lin = nn.Linear(*q["W"].shape)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(q["W"].T)))
+                    lin.bias.copy_(torch.from_numpy(q["b"]))
+                self.lins.append(lin)
+            self.a = nn.Parameter(torch.from_numpy(p["scale"].copy()))
+
+        def _st(self, xa):
+            h = xa
+            for k, lin in enumerate(self.lins):
+                h = lin(h)
+                if k < len(self.lins) - 1:
+                    h = torch.relu(h)
+            raw, t = h.chunk(2, dim=1)
+            return self.a * torch.tanh(raw), t
+
+        def _split(self, x):
+            a, b = x[:, :HALF], x[:, HALF:]
+            return (b, a) if self.flip else (a, b)
+
+        def _merge(self, xa, xb):
+            return torch.cat([xb, xa] if self.flip else [xa, xb], dim=1)
+
+        def forward(self, x):
+            xa, xb = self._split(x)
+            s, t = self._st(xa)
+            return self._merge(xa, xb * torch.exp(s) + t), s.sum(dim=1)
+
+        def inverse(self, y):
+            ya, yb = self._split(y)
+            s, t = self._st(ya)
+            return self._merge(ya, (yb - t) * torch.exp(-s))
+
+    model = nn.ModuleList([Coupling(p, bool(k % 2)) for k, p in enumerate(params)])
+    xt = torch.from_numpy(x)
+    const = 0.5 * D * math.log(2 * math.pi)
+
+    def log_prob(v):
+        ld = 0.0
+        for layer in model:
+            v, l_ = layer(v)
+            ld = ld + l_
+        return -0.5 * (v * v).sum(dim=1) - const + ld
+
+    def grad_step():
+        model.zero_grad(set_to_none=True)
+        lp = log_prob(xt).mean()
+        lp.backward()
+        return lp
+
+    gen = torch.Generator().manual_seed(1)
+
+    def sample():
+        with torch.no_grad():
+            v = torch.randn(BATCH, D, generator=gen)
+            for layer in reversed(model):
+                v = layer.inverse(v)
+        return v
+
+    return grad_step, sample, log_prob
+
+
+def _zuko_w5(torch):
+    try:
+        import zuko
+    except ImportError:
+        _note("zuko is not installed: W5 zuko baseline skipped")
+        return None
+    torch.manual_seed(0)
+    flow = zuko.flows.RealNVP(D, transforms=N_LAYERS, hidden_features=HIDDEN)
+    xt = torch.from_numpy(np.random.default_rng(0).normal(size=(BATCH, D)).astype(np.float32))
+
+    def grad_step():
+        flow.zero_grad(set_to_none=True)
+        lp = flow().log_prob(xt).mean()
+        lp.backward()
+
+    def sample():
+        with torch.no_grad():
+            return flow().sample((BATCH,))
+
+    return grad_step, sample
+
+
+def bench_w5(rounds: int = 7) -> dict:
+    rng = np.random.default_rng(20261129)
+    x = rng.normal(size=(BATCH, D)).astype(np.float32)
+    fm_grad, fm_sample, flow, params = _flowmath_w5(x, rng)
+    grads = {"flowmath": fm_grad}
+    samples = {"flowmath": fm_sample}
+    torch = _torch()
+    result = {}
+    if torch is not None:
+        t_grad, t_sample, t_logp = _torch_w5(torch, params, x)
+        # the twin is a twin: same log-likelihood from the same parameters
+        with torch.no_grad():
+            ref = t_logp(torch.from_numpy(x)).numpy()
+        err = float(np.max(np.abs(flow.log_prob(params, x) - ref)) / max(1.0, np.abs(ref).max()))
+        result["loglik_rel_diff_vs_torch"] = err
+        grads["torch"], samples["torch"] = t_grad, t_sample
+        z = _zuko_w5(torch)
+        if z is not None:
+            grads["zuko"], samples["zuko"] = z
+    ref = "torch" if "torch" in grads else "flowmath"
+    result["grad"] = _summary(_alternate(grads, rounds), ref)
+    result["sample"] = _summary(_alternate(samples, rounds), ref)
+    return result
+
+
+# -- W7 -------------------------------------------------------------------------------------------
+
+def bench_w7(rounds: int = 15) -> dict:
+    rng = np.random.default_rng(20261129)
+    n, c, h, w = 256, 48, 16, 16
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    lu, plain = fm.InvConv1x1(lu=True), fm.InvConv1x1(lu=False)
+    p_lu, p_plain = lu.init(rng, x), plain.init(rng, x)
+    fns = {
+        "flowmath-LU": lambda: lu.forward(p_lu, x),
+        "flowmath-slogdet": lambda: plain.forward(p_plain, x),
+    }
+    torch = _torch()
+    result = {}
+    if torch is not None:
+        F = torch.nn.functional
+        xt = torch.from_numpy(x)
+        perm = torch.from_numpy(np.rint(p_lu["perm"]).astype(np.int64))
+        sign = torch.from_numpy(p_lu["sign"])
+        lower, upper = torch.from_numpy(p_lu["lower"]), torch.from_numpy(p_lu["upper"])
+        log_s = torch.from_numpy(p_lu["log_s"])
+        weight = torch.from_numpy(p_plain["weight"])
+        eye = torch.eye(c)
+
+        def torch_lu():
+            with torch.no_grad():
+                s = sign * torch.exp(log_s)
+                W = ((torch.tril(lower, -1) + eye) @ (torch.triu(upper, 1) + torch.diag(s)))[perm]
+                return F.conv2d(xt, W.view(c, c, 1, 1)), h * w * log_s.sum() * torch.ones(n)
+
+        def torch_slogdet():
+            with torch.no_grad():
+                return (F.conv2d(xt, weight.view(c, c, 1, 1)),
+                        h * w * torch.linalg.slogdet(weight)[1] * torch.ones(n))
+
+        # the same maps: outputs agree to float32 rounding
+        y_fm, ld_fm = lu.forward(p_lu, x)
+        y_t, ld_t = torch_lu()
+        result["y_rel_diff_vs_torch"] = float(np.abs(y_fm - y_t.numpy()).max() / np.abs(y_t.numpy()).max())
+        result["logdet_rel_diff_vs_torch"] = float(np.abs(ld_fm - ld_t.numpy()).max() / abs(float(ld_t[0])))
+        fns["torch-LU"], fns["torch-slogdet"] = torch_lu, torch_slogdet
+    times = _alternate(fns, rounds)
+    if torch is None:
+        result["times"] = _summary(times, "flowmath-LU")
+        return result
+    lu_sum = _summary({k: times[k] for k in ("flowmath-LU", "torch-LU")}, "torch-LU")
+    sl_sum = _summary({k: times[k] for k in ("flowmath-slogdet", "torch-slogdet")}, "torch-slogdet")
+    result["LU"], result["slogdet"] = lu_sum, sl_sum
+    return result
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def _print_table(title, rows):
+    print(f"\n{title}")
+    print(f"  {'implementation':<20s} {'median ms':>10s} {'ratio':>8s}")
+    for name, stats in rows.items():
+        ratio = next(v for k, v in stats.items() if k.startswith("ratio"))
+        print(f"  {name:<20s} {stats['median_ms']:10.2f} {ratio:8.2f}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload")
+    parser.add_argument("--only", choices=["W5", "W7"], default=None)
+    args = parser.parse_args(argv)
+    buf = np.ones(32 * 2**20 // 8)  # touch and free 32 MiB: a settled allocator for everyone
+    del buf
+    out = {}
+    if args.only in (None, "W5"):
+        out["W5"] = bench_w5(args.rounds)
+        _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to torch",
+                     out["W5"]["grad"])
+        _print_table("W5 RealNVP d=784, sample 256 (float32); ratio to torch", out["W5"]["sample"])
+        if "loglik_rel_diff_vs_torch" in out["W5"]:
+            print(f"  log-likelihood flowmath vs torch twin: rel. diff "
+                  f"{out['W5']['loglik_rel_diff_vs_torch']:.2e}")
+    if args.only in (None, "W7"):
+        out["W7"] = bench_w7(max(args.rounds, 15))
+        for key in ("LU", "slogdet", "times"):
+            if key in out["W7"]:
+                _print_table(f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key}); ratio "
+                             "to torch", out["W7"][key])
+    out["notes"] = list(NOTES)
+    return out
+
+
+if __name__ == "__main__":
+    main()
