@@ -41,10 +41,13 @@ Scalable Reversible Generative Models", ICLR 2019, arXiv:1810.01367.
 
 from __future__ import annotations
 
+import autograd.numpy as anp
 import numpy as np
 
 from .._checks import check_choice, check_int, check_rng
 from .._xp import array_namespace, getval
+from ..kernels.cnf_tanh import tanh as _fast_tanh
+from ..kernels.cnf_tanh import tanh_derivs as _tanh_derivs
 
 __all__ = ["ACTIVATIONS", "TIME_MODES", "CNFDynamics", "MLPDynamics"]
 
@@ -55,8 +58,18 @@ ACTIVATIONS = ("tanh", "softplus")
 # -- activations: value, first and second derivative ------------------------------------------
 def _act(xp, name, x):
     if name == "tanh":
-        return xp.tanh(x)
+        # the fused numba kernel (an autograd primitive) for NumPy and autograd; CuPy: its own
+        return xp.tanh(x) if xp is not np and xp is not anp else _fast_tanh(x)
     return xp.logaddexp(0.0, x)  # softplus, overflow-free
+
+
+def _act_np(name, x, order):
+    """NumPy ``(sigma, sigma')`` (``order=1``) or ``(sigma, sigma', sigma'')`` in one pass."""
+    if name == "tanh":
+        return _tanh_derivs(x, order)
+    h = np.logaddexp(0.0, x)
+    d1, d2 = _act_derivs(np, name, x, h)
+    return (h, d1) if order == 1 else (h, d1, d2)
 
 
 def _act_derivs(xp, name, x, h):
@@ -121,8 +134,10 @@ class MLPDynamics:
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
 
     def __repr__(self) -> str:
-        return (f"MLPDynamics(hidden={self.hidden!r}, time={self.time!r}, "
-                f"activation={self.activation!r})")
+        return (
+            f"MLPDynamics(hidden={self.hidden!r}, time={self.time!r}, "
+            f"activation={self.activation!r})"
+        )
 
     # -- parameters --------------------------------------------------------------------------
     def init(self, rng: np.random.Generator, dim: int, *, scale: float = 1.0):
@@ -151,8 +166,9 @@ class MLPDynamics:
         """Validate the structure of ``params``; return the state dimension it was made for."""
         params = getval(params)
         n_layers = len(self.hidden) + 1
-        keys = ({"W", "b", "u"} if self.time == "concat"
-                else {"W", "b", "gate_w", "gate_b", "bias_t"})
+        keys = (
+            {"W", "b", "u"} if self.time == "concat" else {"W", "b", "gate_w", "gate_b", "bias_t"}
+        )
         if not isinstance(params, (list, tuple)) or len(params) != n_layers:
             raise ValueError(
                 f"`params` must be a list of {n_layers} layer dicts for hidden={self.hidden}; "
@@ -164,7 +180,8 @@ class MLPDynamics:
             if not isinstance(p, dict) or set(p) != keys:
                 got = sorted(p) if isinstance(p, dict) else type(p).__name__
                 raise ValueError(
-                    f"`params[{i}]` must be a dict with keys {sorted(keys)}; got {got}")
+                    f"`params[{i}]` must be a dict with keys {sorted(keys)}; got {got}"
+                )
         d = int(np.shape(getval(getval(params[0])["W"]))[0])
         if dim is not None and d != dim:
             raise ValueError(f"`params` were made for states of dimension {d}; got dimension {dim}")
@@ -233,8 +250,8 @@ class MLPDynamics:
             pre = hs[-1] @ W
             pre += b
             if l < last:
-                h = _act(np, self.activation, pre)
-                ds.append(_act_derivs(np, self.activation, pre, h)[0])
+                h, d1 = _act_np(self.activation, pre, 1)
+                ds.append(d1)
                 hs.append(h)
             else:
                 out = pre
@@ -309,8 +326,11 @@ class CNFDynamics:
         for l in range(n_hidden):
             W, b = eff[l]
             pre = xp.dot(h, W) + b
-            h = _act(xp, fld.activation, pre)
-            s, _ = _act_derivs(xp, fld.activation, pre, h)
+            if xp is np:
+                h, s = _act_np(fld.activation, pre, 1)
+            else:
+                h = _act(xp, fld.activation, pre)
+                s, _ = _act_derivs(xp, fld.activation, pre, h)
             if self.exact:
                 if n_hidden == 1:
                     T = s  # closed form below
@@ -368,8 +388,7 @@ class CNFDynamics:
             W, b = eff[l]
             pre = hs[-1] @ W
             pre += b
-            h = _act(np, fld.activation, pre)
-            s, dd = _act_derivs(np, fld.activation, pre, h)
+            h, s, dd = _act_np(fld.activation, pre, 2)
             hs.append(h)
             ss.append(s)
             dds.append(dd)

@@ -1,0 +1,390 @@
+"""ODE benchmarks W1-W4 of BENCHMARKS.md: flowmath against scipy, torchdiffeq and autograd.
+
+W1  forward solve of f(t, z) = W2 tanh(W1 z + b1 + t u) + b2, z in R^2, hidden 64, batch 1024,
+    t: 0 -> 1, Dormand-Prince 5(4), rtol 1e-5, atol 1e-7
+    (scipy ``solve_ivp`` RK45 on the flattened batch; ``torchdiffeq.odeint``).
+W2  gradient of sum(z(1)^2) with respect to z0 and all weights, same problem
+    (``torchdiffeq.odeint_adjoint``, backprop through ``torchdiffeq.odeint``, the gradient of
+    ``autograd.scipy.integrate.odeint``).
+W3  one training step of a 2-D CNF: state [z, log p], exact divergence, the same MLP, batch 1024
+    from 8gaussians, dopri5 rtol = atol = 1e-5, loss -mean log-likelihood under N(0, I)
+    (torch + ``torchdiffeq.odeint_adjoint``, FFJORD-style).
+W4  forward CNF solve with Hutchinson (Gaussian) divergence against d in {2, 8, 32, 128, 512},
+    random fixed MLP (one hidden layer of min(4d, 512) units, tanh), batch 256, dopri5 1e-5
+    (``torchdiffeq.odeint`` with FFJORD's vector-Jacobian divergence).
+
+Timing protocol (BENCHMARKS.md): one process, ~32 MiB allocated and freed at start, a warm-up
+call of every contender, then rounds alternating flowmath and each baseline (A B A B ...);
+the ratio of every round is baseline time / flowmath time, and the table reports the median
+of the ratios with the median times. Baselines are skipped with a message when absent.
+
+Run: ``python -m experiments.bench_ode [--rounds 7] [--only W1 W2 ...] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import autograd  # noqa: E402
+import autograd.numpy as anp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import flowmath as fm  # noqa: E402
+from flowmath.ode.dynamics import CNFDynamics, MLPDynamics  # noqa: E402
+
+__all__ = ["main", "run_benchmarks"]
+
+RTOL, ATOL = 1e-5, 1e-7
+CNF_TOL = 1e-5
+
+
+def _torch():
+    try:
+        import torch
+        import torchdiffeq
+    except ImportError as exc:  # pragma: no cover - optional baseline
+        print(f"  [skip] torch / torchdiffeq baselines: {exc}", file=sys.stderr)
+        return None, None
+    torch.set_num_threads(2)
+    return torch, torchdiffeq
+
+
+# ----------------------------------------------------------------------------- problem setup
+def mlp_params(rng, d, hidden, *, time_in_output=False):
+    """W ~ N(0, 1/fan_in) for f = W2 tanh(W1 z + b1 + t u) + b2 (flowmath's concat layout)."""
+    field = MLPDynamics((hidden,))
+    params = field.init(rng, d)
+    if not time_in_output:
+        params[-1]["u"] = np.zeros(d)
+    return field, params
+
+
+def eight_gaussians(n, rng):
+    try:
+        return fm.data.eight_gaussians(n, rng)
+    except AttributeError:  # data module not there: FFJORD's recipe
+        centers = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (1 / math.sqrt(2), 1 / math.sqrt(2)),
+                                  (1 / math.sqrt(2), -1 / math.sqrt(2)),
+                                  (-1 / math.sqrt(2), 1 / math.sqrt(2)),
+                                  (-1 / math.sqrt(2), -1 / math.sqrt(2))])
+        pts = rng.normal(size=(n, 2)) * 0.5 + centers[rng.integers(0, 8, size=n)]
+        return pts / 1.414
+
+
+def _np_mlp(p):
+    """The field as a scipy / autograd user writes it (plain array code)."""
+    W1, b1, u, W2, b2 = p[0]["W"], p[0]["b"], p[0]["u"], p[1]["W"], p[1]["b"]
+
+    def f(t, z):
+        return np.tanh(z @ W1 + b1 + t * u) @ W2 + b2
+
+    return f
+
+
+def _torch_module(torch, p):
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W1 = torch.nn.Parameter(torch.tensor(p[0]["W"]))
+            self.b1 = torch.nn.Parameter(torch.tensor(p[0]["b"]))
+            self.u = torch.nn.Parameter(torch.tensor(p[0]["u"]))
+            self.W2 = torch.nn.Parameter(torch.tensor(p[1]["W"]))
+            self.b2 = torch.nn.Parameter(torch.tensor(p[1]["b"]))
+            self.nfe = 0
+
+        def forward(self, t, z):
+            self.nfe += 1
+            return torch.tanh(z @ self.W1 + self.b1 + t * self.u) @ self.W2 + self.b2
+
+    return Field()
+
+
+def _torch_cnf(torch, p, *, probe=None):
+    """FFJORD-style augmented field on (z, logp): d logp/dt = -div f, exact (one autograd.grad
+    per dimension) or Hutchinson (one vector-Jacobian product with a fixed probe)."""
+    field = _torch_module(torch, p)
+
+    class Aug(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.field = field
+            self.nfe = 0
+            self.probe = probe
+
+        def forward(self, t, state):
+            self.nfe += 1
+            z, _ = state
+            with torch.enable_grad():
+                if not z.requires_grad:
+                    z = z.requires_grad_(True)
+                dz = self.field(t, z)
+                if self.probe is None:
+                    div = 0.0
+                    for i in range(z.shape[1]):
+                        div = div + torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
+                else:
+                    e_dzdx = torch.autograd.grad(dz, z, self.probe, create_graph=self.training)[0]
+                    div = (e_dzdx * self.probe).sum(dim=1)
+            return dz, -div
+
+    return Aug()
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def _warm_allocator():
+    block = np.ones(32 * 2**20 // 8)
+    block.sum()
+    del block
+
+
+def _clock(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def compare(contenders: dict, rounds: int) -> dict:
+    """Warm up every contender, then alternate flowmath (the first) and each baseline.
+
+    Returns per name: median time (ms), and for baselines the median of per-round ratios
+    baseline / flowmath, plus whatever the last call returned as ``info`` (e.g. NFE)."""
+    names = list(contenders)
+    ref = names[0]
+    infos = {}
+    for name in names:
+        _, infos[name] = _clock(contenders[name])
+    times = {n: [] for n in names}
+    ratios = {n: [] for n in names[1:]}
+    for _ in range(rounds):
+        for name in names[1:]:
+            t_ref, _ = _clock(contenders[ref])
+            t_b, _ = _clock(contenders[name])
+            times[ref].append(t_ref)
+            times[name].append(t_b)
+            ratios[name].append(t_b / t_ref)
+    out = {}
+    for name in names:
+        out[name] = {"ms": 1e3 * statistics.median(times[name]), "info": infos[name]}
+        if name in ratios:
+            out[name]["ratio"] = statistics.median(ratios[name])
+    return out
+
+
+def _print(title, res):
+    print(f"\n{title}")
+    print(f"  {'contender':<34s} {'median ms':>10s} {'baseline/fm':>12s}  info")
+    for name, r in res.items():
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "--"
+        print(f"  {name:<34s} {r['ms']:10.2f} {ratio:>12s}  {r['info']}")
+
+
+# ----------------------------------------------------------------------------- workloads
+def w1(rounds, torch, tdq):
+    rng = np.random.default_rng(0)
+    field, p = mlp_params(rng, 2, 64)
+    z0 = rng.normal(size=(1024, 2))
+    t = np.array([0.0, 1.0])
+
+    def fm_solve():
+        sol = fm.ode.solve(field, z0, t, p, rtol=RTOL, atol=ATOL)
+        return f"nfe={sol.nfe}"
+
+    from scipy.integrate import solve_ivp
+
+    f = _np_mlp(p)
+
+    def scipy_rk45():
+        sol = solve_ivp(lambda s, y: f(s, y.reshape(1024, 2)).ravel(), (0.0, 1.0), z0.ravel(),
+                        method="RK45", rtol=RTOL, atol=ATOL)
+        return f"nfe={sol.nfev}"
+
+    contenders = {"flowmath dopri5": fm_solve, "scipy solve_ivp RK45": scipy_rk45}
+    if torch is not None:
+        mod = _torch_module(torch, p)
+        z0t, tt = torch.tensor(z0), torch.tensor(t)
+
+        def torch_solve():
+            mod.nfe = 0
+            with torch.no_grad():
+                tdq.odeint(mod, z0t, tt, rtol=RTOL, atol=ATOL, method="dopri5")
+            return f"nfe={mod.nfe}"
+
+        contenders["torchdiffeq odeint"] = torch_solve
+    res = compare(contenders, rounds)
+    sol = fm.ode.solve(field, z0, t, p, rtol=RTOL, atol=ATOL)
+    ref = solve_ivp(lambda s, y: f(s, y.reshape(1024, 2)).ravel(), (0.0, 1.0), z0.ravel(),
+                    method="DOP853", rtol=1e-12, atol=1e-12).y[:, -1].reshape(1024, 2)
+    res["flowmath dopri5"]["info"] += f" max|err|={np.max(np.abs(sol.ys[-1] - ref)):.1e}"
+    return res
+
+
+def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
+    rng = np.random.default_rng(1)
+    field, p = mlp_params(rng, 2, 64)
+    z0 = rng.normal(size=(1024, 2))
+    t = np.array([0.0, 1.0])
+
+    def make_fm(adjoint):
+        def loss(args):
+            z, params = args
+            return anp.sum(fm.odeint(field, z, t, params, rtol=RTOL, atol=ATOL,
+                                     adjoint=adjoint)[-1] ** 2)
+
+        grad = autograd.grad(loss)
+
+        def run():
+            g = grad((z0, p))
+            return f"|g_z0|={np.linalg.norm(g[0]):.6e}"
+
+        return run
+
+    contenders = {"flowmath backsolve (fused VJP)": make_fm("backsolve"),
+                  "flowmath checkpoint (fused VJP)": make_fm("checkpoint")}
+    if torch is not None:
+        mod = _torch_module(torch, p)
+        tt = torch.tensor(t)
+
+        def make_torch(adjoint):
+            solver = tdq.odeint_adjoint if adjoint else tdq.odeint
+
+            def run():
+                z = torch.tensor(z0, requires_grad=True)
+                mod.zero_grad()
+                loss = (solver(mod, z, tt, rtol=RTOL, atol=ATOL, method="dopri5")[-1] ** 2).sum()
+                loss.backward()
+                return f"|g_z0|={z.grad.norm().item():.6e}"
+
+            return run
+
+        contenders["torchdiffeq odeint_adjoint"] = make_torch(True)
+        contenders["torchdiffeq backprop"] = make_torch(False)
+    if with_autograd_odeint:
+        from autograd.scipy.integrate import odeint as ag_odeint
+
+        def func(y, s, W1, b1, u, W2, b2):
+            z = anp.reshape(y, (1024, 2))
+            return anp.reshape(anp.dot(anp.tanh(anp.dot(z, W1) + b1 + s * u), W2) + b2, (-1,))
+
+        from autograd.builtins import tuple as ag_tuple
+
+        def ag_loss(y0, args):
+            ys = ag_odeint(func, y0, np.array([0.0, 1.0]), args, rtol=RTOL, atol=ATOL)
+            return anp.sum(ys[-1] ** 2)
+
+        ag_grad = autograd.grad(ag_loss, argnum=(0, 1))
+        weights = (p[0]["W"], p[0]["b"], p[0]["u"], p[1]["W"], p[1]["b"])
+
+        def autograd_run():
+            g = ag_grad(z0.ravel(), ag_tuple(weights))
+            return f"|g_z0|={np.linalg.norm(g[0]):.6e}"
+
+        contenders["autograd scipy odeint (LSODA)"] = autograd_run
+    return compare(contenders, rounds)
+
+
+def w3(rounds, torch, tdq):
+    rng = np.random.default_rng(2)
+    x = eight_gaussians(1024, rng)
+    flow = fm.Flow(fm.CNF(hidden=(64,), t1=1.0, rtol=CNF_TOL, atol=CNF_TOL, adjoint="backsolve"))
+    params = flow.init(rng, x)
+    params[-1]["u"] = np.zeros(2)
+    vg = autograd.value_and_grad(lambda q: -anp.mean(flow.log_prob(q, x)))
+
+    def fm_step():
+        value, _ = vg(params)
+        return f"loss={value:.6f}"
+
+    contenders = {"flowmath CNF step (backsolve)": fm_step}
+    if torch is not None:
+        aug = _torch_cnf(torch, params)
+        xt = torch.tensor(x)
+        tt = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+        def torch_step():
+            aug.zero_grad()
+            logp0 = torch.zeros(xt.shape[0], dtype=torch.float64)
+            z1, dlogp = tdq.odeint_adjoint(aug, (xt, logp0), tt, rtol=CNF_TOL, atol=CNF_TOL,
+                                           method="dopri5")
+            z1, dlogp = z1[-1], dlogp[-1]
+            logpz = -0.5 * (z1 ** 2).sum(1) - math.log(2 * math.pi)
+            loss = -(logpz - dlogp).mean()
+            loss.backward()
+            return f"loss={loss.item():.6f}"
+
+        contenders["torchdiffeq odeint_adjoint step"] = torch_step
+    return compare(contenders, rounds)
+
+
+def w4(rounds, torch, tdq, dims=(2, 8, 32, 128, 512), batch=256):
+    out = {}
+    for d in dims:
+        hidden = min(4 * d, 512)
+        rng = np.random.default_rng(100 + d)
+        field, p = mlp_params(rng, d, hidden)
+        eps = rng.standard_normal((batch, d))
+        dyn = CNFDynamics(field, eps)
+        y0 = np.concatenate([rng.normal(size=(batch, d)), np.zeros((batch, 1))], axis=1)
+        t = np.array([0.0, 1.0])
+
+        def fm_run(dyn=dyn, y0=y0, p=p):
+            sol = fm.ode.solve(dyn, y0, t, p, rtol=CNF_TOL, atol=CNF_TOL)
+            return f"nfe={sol.nfe}"
+
+        contenders = {f"flowmath d={d}": fm_run}
+        if torch is not None:
+            aug = _torch_cnf(torch, p, probe=torch.tensor(eps))
+            aug.eval()
+            z0t = torch.tensor(y0[:, :d])
+            tt = torch.tensor(t)
+
+            def torch_run(aug=aug, z0t=z0t, tt=tt):
+                aug.nfe = 0
+                with torch.no_grad():
+                    tdq.odeint(aug, (z0t, torch.zeros(z0t.shape[0], dtype=torch.float64)), tt,
+                               rtol=CNF_TOL, atol=CNF_TOL, method="dopri5")
+                return f"nfe={aug.nfe}"
+
+            contenders[f"torchdiffeq d={d}"] = torch_run
+        out.update(compare(contenders, rounds))
+    return out
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+
+
+def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False):
+    _warm_allocator()
+    torch, tdq = _torch()
+    results = {}
+    for name in only:
+        fn = WORKLOADS[name]
+        kwargs = {}
+        if quick and name == "W4":
+            kwargs["dims"] = (2, 8, 32, 128)
+        res = fn(rounds, torch, tdq, **kwargs)
+        _print(f"{name}  ({'alternating rounds: ' + str(rounds)})", res)
+        results[name] = res
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--only", nargs="*", default=["W1", "W2", "W3", "W4"])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, W4 up to d = 128")
+    args = ap.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+    run_benchmarks(tuple(args.only), rounds, args.quick)
+
+
+if __name__ == "__main__":
+    main()
