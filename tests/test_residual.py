@@ -271,3 +271,22 @@ def test_chain_with_actnorm(rng):
     x = rng.normal(size=(3, 3)) * 2 + 1
     params = chain.init(rng, x)
     fm.testing.check_bijection(chain, params, x).assert_ok(1e-9)
+
+
+def test_invert_needs_no_rng_and_checks_shapes(rng):
+    block = fm.IResBlock(hidden=(8,), logdet="series")  # stochastic log-det, exact inverse map
+    x = rng.normal(size=(3, 4))
+    params = block.init(rng, x)
+    y, _ = block.forward(params, x, np.random.default_rng(0))
+    x_back, info = block.invert(params, y)
+    np.testing.assert_allclose(x_back, x, atol=1e-13)
+    assert info.n_iter >= 1 and np.all(info.bound <= info.tol * np.maximum(
+        1, np.linalg.norm(y, axis=1)))
+    with pytest.raises(ValueError, match=r"`y` must have shape \(n, 4\)"):
+        block.invert(params, y[:, :3])
+    with pytest.raises(ValueError, match="`tol` must be finite and > 0"):
+        block.invert(params, y, tol=0.0)
+    # float32 in, float32 out, to the float32 default tolerance (64 eps)
+    x32, _ = block.invert(params, y.astype(np.float32))
+    assert x32.dtype == np.float32
+    np.testing.assert_allclose(x32, x, atol=1e-4)

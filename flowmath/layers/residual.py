@@ -477,7 +477,9 @@ class IResBlock(Bijection):
         Without a state (exact mode) the params are returned unchanged."""
         if not isinstance(params, dict) or "u" not in params:
             return params
-        n_iter = self.n_power_iterations if n_iter is None else check_int(n_iter, "n_iter", minimum=1)
+        if n_iter is None:
+            n_iter = self.n_power_iterations
+        n_iter = check_int(n_iter, "n_iter", minimum=1)
         us = [lip.power_iteration(getval(W), getval(u), n_iter)[1]
               for W, u in zip(params["W"], params["u"], strict=True)]
         return {**params, "u": us}
@@ -502,7 +504,8 @@ class IResBlock(Bijection):
 
     def lipschitz_bound(self, params) -> float:
         """Certified upper bound ``L`` on ``Lip(g)`` for these parameters:
-        :math:`\\prod_i \\|\\tilde W_i\\|^{\\mathrm{cert}}_2 \\cdot \\mathrm{Lip}(\\phi)^{\\#hidden}`
+        :math:`\\prod_i \\|\\tilde W_i\\|^{\\mathrm{cert}}_2 \\,
+        \\mathrm{Lip}(\\phi)^{\\#\\mathrm{hidden}}`
         (``gram`` certificates of the weights actually used, cached by content)."""
         Wn, _, _ = self.normalized_weights(params)
         return self._certified_L(Wn)
