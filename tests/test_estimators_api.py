@@ -118,3 +118,19 @@ def test_exact_logdet_matches_slogdet_and_differentiates():
 def test_bad_inputs_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(np.random.default_rng(0))
+
+
+def test_partial_sums_are_the_truncations():
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((5, 5)) * 0.15
+    V = rng.standard_normal((2, 7, 5))
+    S = est.power_series_partial_sums(_linear_vjp(W), 7, 5, n_terms=6, n_probes=2, probes=V)
+    assert S.shape == (6, 7)
+    for n in range(1, 7):
+        ref = est.power_series_logdet(_linear_vjp(W), 7, 5, n_terms=n, n_probes=2, probes=V)
+        np.testing.assert_allclose(S[n - 1], ref, rtol=1e-13, atol=1e-14)
+    g1 = autograd.grad(lambda W: anp.sum(est.power_series_partial_sums(
+        _linear_vjp(W), 7, 5, n_terms=6, n_probes=2, probes=V)[3]))(W)
+    g2 = autograd.grad(lambda W: anp.sum(est.power_series_logdet(
+        _linear_vjp(W), 7, 5, n_terms=4, n_probes=2, probes=V)))(W)
+    np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
