@@ -56,7 +56,7 @@ import numpy as np
 from autograd import make_vjp
 from autograd.extend import defvjp, defvjp_argnums, primitive
 
-from .._xp import getval
+from .._xp import getval, is_box
 from .solve import Counts, Trace, integrate, make_flat_fun, tree_flatten
 
 __all__ = ["differentiable_solve", "make_vjp_fun"]
@@ -305,6 +305,13 @@ def _ode_primitive(y0, *leaves, ctx):
 
 def _ode_vjpmaker(argnums, ans, args, kwargs):
     ctx = kwargs["ctx"]
+    if any(is_box(a) for a in args):
+        # nested differentiation (grad of grad): the inner VJP would silently ignore the outer
+        # trace, so refuse
+        raise NotImplementedError(
+            f"second derivatives through adjoint={ctx.adjoint!r} are not supported (its backward "
+            "pass is plain NumPy); use adjoint='direct'"
+        )
 
     def vjp(g):
         return ctx.backward(g, argnums)
