@@ -22,6 +22,9 @@ What flowmath adds to the published algorithms:
 * the fixed-point inverse stops on the Banach *error* bound, not on the step size, and reports it
   (:meth:`IResBlock.inverse_with_info`);
 * gradients through the inverse come from the implicit-function theorem (an autograd primitive).
+
+Backends: NumPy and autograd. CuPy is not supported yet: the certificates, the exact (SVD)
+normalisation and the fixed-point loop's bookkeeping run on the host with NumPy.
 """
 
 from __future__ import annotations
