@@ -274,3 +274,31 @@ def test_any_state_shape_and_batch_independence(rng):
     np.testing.assert_allclose(ys[-1], y0 @ expm(A).T, atol=1e-9)
     g = grad(lambda y: anp.sum(odeint(linear, y, t, A, rtol=1e-10, atol=1e-12)[-1]))(y0)
     np.testing.assert_allclose(g, np.broadcast_to(expm(A).T @ np.ones(2), y0.shape), atol=1e-9)
+
+
+def test_backward_failure_names_the_adjoint_system(rng):
+    """The backward integration has its own tolerances and the same step cap; hitting the cap
+    names the augmented system, t and h."""
+    from flowmath.ode import ODESolverError
+
+    A = rng.normal(size=(3, 3)) / 2
+    sol = solve(linear, np.ones(3), np.array([0.0, 1.0]), A, rtol=1e-4, atol=1e-6)
+    cap = sol.n_steps + 1
+
+    def loss(y0):
+        ys = odeint(
+            linear,
+            y0,
+            np.array([0.0, 1.0]),
+            A,
+            rtol=1e-4,
+            atol=1e-6,
+            max_steps=cap,
+            adjoint_rtol=1e-12,
+            adjoint_atol=1e-14,
+        )
+        return anp.sum(ys[-1])
+
+    msg = r"augmented adjoint state \[z, a, a_theta\]\): max_steps=.*stopped at t=.*, h="
+    with pytest.raises(ODESolverError, match=msg):
+        grad(loss)(np.ones(3))

@@ -530,6 +530,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
     node = 0
     rejected = False
     nonfinite = False
+    name = tab.name if what == "state" else f"{tab.name} ({what})"
     while direction * (t_end - t) > 0:
         h_min = STEP_FLOOR_ULPS * np.spacing(abs(t))
         if h_abs < h_min or not math.isfinite(h_abs):
@@ -540,12 +541,12 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
                 else "the problem is stiff or the solution blows up"
             )
             raise ODESolverError(
-                f"{tab.name}: step size h={direction * h_abs!r} at t={t!r} fell below the "
+                f"{name}: step size h={direction * h_abs!r} at t={t!r} fell below the "
                 f"floor {h_min:.3g} ({STEP_FLOOR_ULPS:g} ulp of t): {why}"
             )
         if counts.n_steps >= max_steps:
             raise ODESolverError(
-                f"{tab.name}: max_steps={max_steps} steps taken without reaching t={t_end!r} "
+                f"{name}: max_steps={max_steps} steps taken without reaching t={t_end!r} "
                 f"(stopped at t={t!r}, h={direction * h_abs!r}); raise `max_steps`, or the "
                 "problem is stiff"
             )
@@ -555,7 +556,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
         h = t_new - t
         stages = [y] if store else None
         for i in range(1, s):
-            yi = y + h * (A_rows[i] @ K[:i])
+            yi = y + (h * A_rows[i]) @ K[:i]
             K[i] = fun(t + c[i] * h, yi)
             if store:
                 stages.append(yi)
@@ -563,7 +564,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
         y_new = yi
         counts.nfe += s - 1
         counts.n_steps += 1
-        err = h * (E @ K)
+        err = (h * E) @ K
         scale = atol + rtol * np.maximum(np.abs(y[:m]), np.abs(y_new[:m]))
         q = err[:m] / scale
         err_norm = math.sqrt(float(np.dot(q, q)) / m) if m else 0.0
