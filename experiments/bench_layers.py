@@ -233,11 +233,34 @@ def _zuko_w5(torch):
     return grad_step, sample
 
 
+def _floor_w5(params, rng):
+    """The matrix products of W5's forward and backward alone (plain NumPy, float32): the floor
+    any implementation pays. Per coupling: 3 forward products, 3 weight gradients and the 2 or 3
+    input gradients (none into the data for the first layer)."""
+    Ws = [[q["W"] for q in p["net"]] for p in params]
+    acts = [rng.normal(size=(BATCH, k)).astype(np.float32) for k in (HALF, 512, 512)]
+    g_out = rng.normal(size=(BATCH, 2 * HALF)).astype(np.float32)
+
+    def run():
+        for k, (W0, W1, W2) in enumerate(Ws):
+            a1 = acts[0] @ W0
+            a2 = a1 @ W1
+            a2 @ W2
+            acts[2].T @ g_out
+            g1 = g_out @ W2.T
+            acts[1].T @ g1
+            g0 = g1 @ W1.T
+            acts[0].T @ g0
+            if k > 0:
+                g0 @ W0.T
+    return run
+
+
 def bench_w5(rounds: int = 7) -> dict:
     rng = np.random.default_rng(20261129)
     x = rng.normal(size=(BATCH, D)).astype(np.float32)
     fm_grad, fm_sample, flow, params = _flowmath_w5(x, rng)
-    grads = {"flowmath": fm_grad}
+    grads = {"flowmath": fm_grad, "matmul-floor": _floor_w5(params, rng)}
     samples = {"flowmath": fm_sample}
     torch = _torch()
     result = {}
