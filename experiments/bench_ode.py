@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import flowmath as fm  # noqa: E402
 from flowmath.ode.dynamics import CNFDynamics, MLPDynamics  # noqa: E402
 
-__all__ = ["main", "run_benchmarks"]
+__all__ = ["blas_threads", "main", "run_benchmarks"]
 
 RTOL, ATOL = 1e-5, 1e-7
 CNF_TOL = 1e-5
@@ -56,6 +56,32 @@ def _torch():
         return None, None
     torch.set_num_threads(2)
     return torch, torchdiffeq
+
+
+def blas_threads(n: int) -> int | None:
+    """Set the thread count of the OpenBLAS that NumPy loaded (via its exported setter, found in
+    ``/proc/self/maps``); returns the previous count, or ``None`` where that is not possible.
+    Environment variables are read only when NumPy is first imported, too late for a module
+    that the ``flowmath`` command imports."""
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted(set(re.findall(r"\S*openblas\S*\.so\S*", fh.read())))
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    old = int(get())
+                    set_(ctypes.c_int(int(n)))
+                    return old
+    return None
 
 
 # ----------------------------------------------------------------------------- problem setup
