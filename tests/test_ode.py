@@ -71,12 +71,13 @@ def test_linear_dopri5_against_expm(lin_problem):
     sol = solve(linear, y0, t, A, rtol=1e-10, atol=1e-12)
     assert sol.ys.shape == (7, 3, 4)
     exact = np.stack([y0 @ expm(A * tk).T for tk in t])
-    # the dense output (7 outputs, far fewer steps) is 4th order but at tolerance 1e-10
-    np.testing.assert_allclose(sol.ys, exact, rtol=0, atol=1e-8)
+    # the dense output (7 outputs, fewer steps) is 4th order but at tolerance 1e-10; measured
+    # 1.5e-11
+    np.testing.assert_allclose(sol.ys, exact, rtol=0, atol=1e-10)
     assert sol.n_accepted < 40  # outputs do not shorten steps
 
 
-@pytest.mark.parametrize("method,h,tol", [("rk4", 1e-3, 1e-11), ("euler", 1e-4, 5e-4)])
+@pytest.mark.parametrize("method,h,tol", [("rk4", 1e-3, 1e-12), ("euler", 1e-4, 1e-4)])
 def test_linear_fixed_step_against_expm(lin_problem, method, h, tol):
     A, y0 = lin_problem
     t = np.array([0.0, 0.3, 1.0])
@@ -99,8 +100,8 @@ def test_nonlinear_against_solve_ivp():
         lambda t, y: lotka(t, y, p), (0, 5), y0, method="DOP853", t_eval=t, rtol=1e-12, atol=1e-12
     ).y.T
     sol = solve(lotka, y0, t, p, rtol=1e-9, atol=1e-11)
-    # global error of a tolerance-1e-9 solve over a few periods stays within ~100 x tolerance
-    np.testing.assert_allclose(sol.ys, ref, rtol=1e-7, atol=1e-9)
+    # global error of a tolerance-1e-9 solve over a few periods: measured 3.4e-9
+    np.testing.assert_allclose(sol.ys, ref, rtol=0, atol=1e-8)
     assert sol.status == 0
 
 

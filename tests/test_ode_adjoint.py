@@ -94,9 +94,9 @@ def test_linear_gradient_against_expm_frechet(rng, adjoint):
     gA = grad(loss, 0)(A, z0)
     gz = grad(loss, 1)(A, z0)
     scale = np.abs(exact_A).max()
-    # solver tolerance 1e-10: the gradient error is a small multiple of it
-    assert np.abs(gA - exact_A).max() / scale < 1e-8
-    assert np.abs(gz - exact_z0).max() / np.abs(exact_z0).max() < 1e-8
+    # solver tolerance 1e-10: measured relative errors 4e-11 (backsolve), 5e-11 (others)
+    assert np.abs(gA - exact_A).max() / scale < 5e-10
+    assert np.abs(gz - exact_z0).max() / np.abs(exact_z0).max() < 5e-10
     assert stats["backward"]["computed"] and stats["backward"]["mode"] == adjoint
 
 
@@ -184,13 +184,14 @@ def test_mlp_gradients_against_finite_differences(rng, adjoint):
     for _ in range(2):
         dz = rng.normal(size=z0.shape)
         fd = (loss(z0 + eps * dz, p) - loss(z0 - eps * dz, p)) / (2 * eps)
-        assert abs(fd - np.sum(gz * dz)) < 1e-6 * max(1.0, abs(fd))
+        # measured discrepancy 1.7e-8 (central differences of an adaptive solve at 1e-10)
+        assert abs(fd - np.sum(gz * dz)) < 1e-7 * max(1.0, abs(fd))
         dirs = [rng.normal(size=np.shape(leaf)) for leaf in leaves]
         pp = rebuild([leaf + eps * d for leaf, d in zip(leaves, dirs, strict=True)])
         pm = rebuild([leaf - eps * d for leaf, d in zip(leaves, dirs, strict=True)])
         fd = (loss(z0, pp) - loss(z0, pm)) / (2 * eps)
         an = sum(np.sum(g * d) for g, d in zip(gleaves, dirs, strict=True))
-        assert abs(fd - an) < 1e-6 * max(1.0, abs(fd))
+        assert abs(fd - an) < 1e-7 * max(1.0, abs(fd))
 
 
 def test_fused_vjp_matches_autograd_backsolve(rng):
@@ -225,7 +226,8 @@ def test_decreasing_times_gradient(rng, adjoint):
 
     # z(0) = expm(-A) z1, dL/dA = -L_expm(-A^T, c z1^T)
     exact = -expm_frechet(-A.T, np.outer(c, z1), compute_expm=False)
-    assert np.abs(grad(loss)(A) - exact).max() < 1e-8 * np.abs(exact).max()
+    # measured 2e-11 relative
+    assert np.abs(grad(loss)(A) - exact).max() < 2e-10 * np.abs(exact).max()
 
 
 def test_float32_gradients_keep_dtype(rng):
