@@ -134,3 +134,41 @@ def test_partial_sums_are_the_truncations():
     g2 = autograd.grad(lambda W: anp.sum(est.power_series_logdet(
         _linear_vjp(W), 7, 5, n_terms=4, n_probes=2, probes=V)))(W)
     np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_style_vjp_from_autograd_make_vjp():
+    """A layer builds vjp with autograd.make_vjp of its batch map g at x (nested under the
+    gradient with respect to the parameters); it must agree with the explicit chain rule."""
+    rng = np.random.default_rng(0)
+    d, h, n = 3, 6, 5
+    W1 = rng.standard_normal((h, d)) * 0.3
+    W2 = rng.standard_normal((d, h)) * 0.3
+    x = rng.standard_normal((n, d))
+
+    def total(params, how, which):
+        W1, W2 = params
+
+        def g(x):
+            return anp.dot(anp.tanh(anp.dot(x, W1.T)), W2.T)
+
+        if how == "make_vjp":
+            vjp, _ = autograd.make_vjp(g)(x)
+        else:
+            s = 1 - anp.tanh(anp.dot(x, W1.T)) ** 2
+
+            def vjp(V):
+                return anp.dot(anp.dot(V, W2) * s, W1)
+
+        r = np.random.default_rng(7)
+        if which == "series":
+            return anp.sum(est.power_series_logdet(vjp, n, d, n_terms=5, rng=r))
+        return anp.sum(est.neumann_logdet(vjp, n, d, rng=r, per_sample=True).logdet)
+
+    for which in ("series", "neumann"):
+        a = total((W1, W2), "make_vjp", which)
+        b = total((W1, W2), "explicit", which)
+        assert abs(a - b) < 1e-13
+        ga = autograd.grad(total)((W1, W2), "make_vjp", which)
+        gb = autograd.grad(total)((W1, W2), "explicit", which)
+        for u, v in zip(ga, gb, strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-13)

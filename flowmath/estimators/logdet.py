@@ -412,10 +412,10 @@ def roulette_logdet(vjp, n: int, dim: int, *, p: float = 0.5, distribution: str 
     at ``N = 1``) or :math:`\lambda + m` (Poisson, support from ``N = 0``).
     Variance: finite when :math:`\sum_k (\|J\|^k/k)^2 / P(N \ge k - m) < \infty` -- for the
     geometric law when :math:`\|J\|^2 < 1 - p` (``||J|| < 0.707`` at ``p = 0.5``); for the
-    Poisson law, whose tail decays factorially, it is infinite for every ``J`` with
-    :math:`\operatorname{tr}(J^k) \not\to 0` faster than :math:`\sqrt{\lambda^k/k!}` (the mean is
-    still right, but averages converge slowly). ``p = 1`` gives ``N = 1``: the deterministic,
-    biased series with ``m + 1`` terms.
+    Poisson law, whose tail decays factorially, it is infinite for every ``J`` that is not
+    nilpotent (the diagonal terms grow like :math:`\rho(J)^{2k} k!/\lambda^k`); the mean is still
+    right, and in practice the offending terms need ``N`` far beyond what is ever drawn.
+    ``p = 1`` gives ``N = 1``: the deterministic, biased series with ``m + 1`` terms.
 
     Parameters
     ----------
