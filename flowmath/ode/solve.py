@@ -96,10 +96,13 @@ class BackwardStats:
     computed : bool
         ``False`` until a gradient has been computed through the solve.
     nfe : int
-        Evaluations of ``f`` in the backward pass (for ``"backsolve"`` each evaluation of the
-        augmented dynamics counts once: it evaluates ``f`` and one vector-Jacobian product).
+        Evaluations of the backward dynamics: for ``"backsolve"`` the augmented system (one call
+        of ``f.vjp`` or ``make_vjp``, which returns ``f`` with the products, so these calls are
+        also the ``n_vjp``); 0 for ``"checkpoint"`` and ``"direct"`` (no evaluation of ``f``
+        outside a VJP: the stage inputs are stored).
     n_vjp : int
-        Vector-Jacobian products ``a^T df/dy``, ``a^T df/dparams``.
+        Vector-Jacobian products ``a^T df/dy``, ``a^T df/dparams`` (each costs about one forward
+        and one backward pass through ``f``): the cost of the backward pass.
     n_steps, n_accepted, n_rejected : int
         Steps of the backward integration (``"backsolve"``) or accepted forward steps replayed
         (``"checkpoint"``, ``"direct"``).
