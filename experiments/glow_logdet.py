@@ -14,7 +14,10 @@ by pushing the identity through the layer (exact for a linear map; cross-checked
 autograd's Jacobian at the smallest ``c``). float64 and float32. Then the costs: the log-det
 alone (``O(c)`` against ``O(c^3)``), forward with log-det, and inverse, LU against plain; and
 the W7 workload of BENCHMARKS.md (256 x 48 x 16 x 16, float32, forward with log-det) against
-plain torch when torch is installed.
+plain torch when torch is installed, timed in alternation (A B A B), median of ratios, once
+with 2 threads for both libraries (as BENCHMARKS.md asks) and once in a child process with
+single-threaded BLAS and torch (``Config.blas_threads``), where the sweep over ``c`` runs too:
+on a shared, oversubscribed machine multi-threaded BLAS timings are mostly scheduler noise.
 
 References
 ----------
@@ -32,6 +35,7 @@ import scipy.linalg
 
 import flowmath as fm
 from experiments._common import fit_loglog_slope, setup_matplotlib, tex_table
+from experiments.linear_complexity import in_child_process
 
 __all__ = ["Config", "plot", "run", "tex"]
 
@@ -46,6 +50,7 @@ class Config:
     repeats: int = 15
     w7: bool = True
     w7_repeats: int = 21
+    blas_threads: int | None = 1
     seed: int = 0
 
     @classmethod
@@ -110,8 +115,9 @@ def _alternate(fns, repeats, min_time=2e-3):
     return [np.asarray(s) for s in samples]
 
 
-def _w7(config):
-    """BENCHMARKS.md W7: 1x1 conv on 256 x 48 x 16 x 16 float32, forward with log-det."""
+def _w7(config, threads=2):
+    """BENCHMARKS.md W7: 1x1 conv on 256 x 48 x 16 x 16 float32, forward with log-det; torch
+    gets ``threads`` threads (BENCHMARKS.md: 2 for every library)."""
     rng = np.random.default_rng(config.seed + 7)
     n, c, h, w = 256, 48, 16, 16
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
@@ -124,9 +130,9 @@ def _w7(config):
         import torch
     except ImportError:
         torch = None
-    out = {"shape": [n, c, h, w], "torch": torch is not None}
+    out = {"shape": [n, c, h, w], "torch": torch is not None, "threads": threads}
     if torch is not None:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         xt = torch.from_numpy(x)
         perm = torch.from_numpy(np.rint(params["perm"]).astype(np.int64))
         lower, upper = torch.from_numpy(params["lower"]), torch.from_numpy(params["upper"])
@@ -190,6 +196,22 @@ def run(config: Config) -> dict:
             autograd_check = {"c": c, "max_abs_diff": float(np.abs(jac_ad - jac).max())}
         accuracy.append(row)
 
+    results = {
+        "accuracy": accuracy,
+        "autograd_check": autograd_check,
+        "eps64": float(np.finfo(np.float64).eps),
+        "eps32": float(np.finfo(np.float32).eps),
+        "w7": _w7(config, threads=2) if config.w7 else None,
+        "blas_threads_timing": config.blas_threads,
+    }
+    results.update(in_child_process(_timing, config, config.blas_threads))
+    return results
+
+
+def _timing(config: Config) -> dict:
+    """Plain against LU costs over ``c`` (and W7 with one torch thread when BLAS has one)."""
+    rng = np.random.default_rng(config.seed + 1)
+    lu_layer, full_layer = fm.InvConv1x1(lu=True), fm.InvConv1x1(lu=False)
     timing = []
     n, (th, tw) = config.timing_batch, config.timing_hw
     for c in config.timing_channels:
@@ -213,15 +235,10 @@ def run(config: Config) -> dict:
     upper = cs[len(cs) // 2:]
     slopes = {key: fit_loglog_slope(upper, [t[key] for t in timing if t["c"] in upper])
               for key in ("logdet_lu", "logdet_plain", "inverse_lu", "inverse_plain")}
-    return {
-        "accuracy": accuracy,
-        "autograd_check": autograd_check,
-        "timing": timing,
-        "timing_slopes_upper_half": slopes,
-        "eps64": float(np.finfo(np.float64).eps),
-        "eps32": float(np.finfo(np.float32).eps),
-        "w7": _w7(config) if config.w7 else None,
-    }
+    out = {"timing": timing, "timing_slopes_upper_half": slopes}
+    if config.w7 and config.blas_threads is not None:
+        out["w7_same_threads"] = _w7(config, threads=config.blas_threads)
+    return out
 
 
 def plot(results: dict, path) -> None:
@@ -255,8 +272,8 @@ def plot(results: dict, path) -> None:
     ax.loglog(tc, tim[-1]["logdet_plain"] * 1e6 * (ref / ref[-1]) ** 3, "k:", lw=0.8,
               label="slope 3", base=2)
     sl = results["timing_slopes_upper_half"]
-    ax.set_title(f"log-det cost (fitted slopes: LU {sl['logdet_lu']:.2f}, "
-                 f"plain {sl['logdet_plain']:.2f})")
+    ax.set_title(f"log-det cost; slope over upper half of c:\nLU {sl['logdet_lu']:.2f} "
+                 f"(flat: call overhead), plain {sl['logdet_plain']:.2f}")
     ax.set_xlabel("channels c")
     ax.set_ylabel("time per call [us]")
     ax.legend()
@@ -266,11 +283,16 @@ def plot(results: dict, path) -> None:
                               ("inverse_lu", "inverse LU", "s--"),
                               ("inverse_plain", "inverse plain", "o--")):
         ax.loglog(tc, [t[key] * 1e3 for t in tim], style, label=label, base=2)
-    w7 = results.get("w7")
-    title = "forward (with log-det) and inverse"
-    if w7 and "ratio_lu" in w7:
-        title += f"\nW7 vs torch: LU {w7['ratio_lu']:.2f}x, plain {w7['ratio_plain']:.2f}x"
-    ax.set_title(title)
+    ax.set_title("forward (with log-det) and inverse, LU vs plain")
+    lines = []
+    for key in ("w7", "w7_same_threads"):
+        w7 = results.get(key)
+        if w7 and "ratio_lu" in w7:
+            lines.append(f"{w7['threads']} thread(s): LU {w7['ratio_lu']:.2f}x, "
+                         f"plain {w7['ratio_plain']:.2f}x")
+    if lines:
+        fig.text(0.5, -0.02, "W7 (256x48x16x16 float32, forward with log-det), time flowmath / "
+                 "torch, median of alternated ratios: " + "; ".join(lines), ha="center")
     ax.set_xlabel("channels c (batch 16, 16x16)")
     ax.set_ylabel("time per call [ms]")
     ax.legend()
@@ -295,9 +317,11 @@ def tex(results: dict) -> str:
     caption = ("Log-determinant of a 1x1 convolution on a $4\\times 4$ image: relative error of "
                "$hw\\log|\\det W|$ (plain) and $hw\\sum_i\\log|s_i|$ (LU) against slogdet of the "
                "dense Jacobian, and the cost of each log-det in microseconds.")
-    w7 = results.get("w7")
-    if w7 and "ratio_lu" in w7:
-        caption += (f" W7 (256x48x16x16, float32, forward with log-det): flowmath/torch "
-                    f"{w7['ratio_lu']:.2f} (LU), {w7['ratio_plain']:.2f} (plain).")
+    for key in ("w7", "w7_same_threads"):
+        w7 = results.get(key)
+        if w7 and "ratio_lu" in w7:
+            caption += (f" W7 (256x48x16x16, float32, forward with log-det, {w7['threads']} "
+                        f"thread(s)): flowmath/torch {w7['ratio_lu']:.2f} (LU), "
+                        f"{w7['ratio_plain']:.2f} (plain).")
     return tex_table(["$c$", "plain f64", "LU f64", "plain f32", "LU f32", "plain [us]",
                       "LU [us]"], rows, caption, "tab:glow-logdet", fmt="{:.2g}")
