@@ -98,10 +98,9 @@ def eight_gaussians(n, rng):
     try:
         return fm.data.eight_gaussians(n, rng)
     except AttributeError:  # data module not there: FFJORD's recipe
-        centers = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (1 / math.sqrt(2), 1 / math.sqrt(2)),
-                                  (1 / math.sqrt(2), -1 / math.sqrt(2)),
-                                  (-1 / math.sqrt(2), 1 / math.sqrt(2)),
-                                  (-1 / math.sqrt(2), -1 / math.sqrt(2))])
+        r = 1 / math.sqrt(2)
+        centers = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (r, r), (r, -r), (-r, r),
+                                  (-r, -r)])
         pts = rng.normal(size=(n, 2)) * 0.5 + centers[rng.integers(0, 8, size=n)]
         return pts / 1.414
 
@@ -156,7 +155,8 @@ def _torch_cnf(torch, p, *, probe=None):
                 if self.probe is None:
                     div = 0.0
                     for i in range(z.shape[1]):
-                        div = div + torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
+                        grad_i = torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0]
+                        div = div + grad_i[:, i]
                 else:
                     e_dzdx = torch.autograd.grad(dz, z, self.probe, create_graph=self.training)[0]
                     div = (e_dzdx * self.probe).sum(dim=1)
@@ -361,7 +361,7 @@ def w4(rounds, torch, tdq, dims=(2, 8, 32, 128, 512), batch=256):
         y0 = np.concatenate([rng.normal(size=(batch, d)), np.zeros((batch, 1))], axis=1)
         t = np.array([0.0, 1.0])
 
-        def fm_run(dyn=dyn, y0=y0, p=p):
+        def fm_run(dyn=dyn, y0=y0, p=p, t=t):
             sol = fm.ode.solve(dyn, y0, t, p, rtol=CNF_TOL, atol=CNF_TOL)
             return f"nfe={sol.nfe}"
 
