@@ -16,7 +16,8 @@ start, warm-up, then rounds that alternate the implementations (A B A B ...); th
 is the median over rounds of the per-round ratio flowmath / torch. Baselines are optional: a
 missing torch or zuko is skipped with a message.
 
-Run: ``python -m experiments.bench_layers [--rounds N]``.
+Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7]``; set
+``FLOWMATH_BENCH_THREADS=1`` to use one thread in every library.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ import math
 import os
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")  # effective only if numpy is not loaded yet
+# 2 threads for every library (BENCHMARKS.md); FLOWMATH_BENCH_THREADS overrides (on an
+# oversubscribed machine 1 thread gives steadier figures). Effective only if numpy is not loaded.
+THREADS = int(os.environ.get("FLOWMATH_BENCH_THREADS", "2"))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, str(THREADS))
 
 import autograd  # noqa: E402
 import autograd.numpy as anp  # noqa: E402
@@ -37,7 +42,6 @@ from flowmath._xp import getval  # noqa: E402
 
 __all__ = ["bench_w5", "bench_w7", "main"]
 
-THREADS = 2
 NOTES: list[str] = []
 
 
@@ -319,8 +323,9 @@ def bench_w7(rounds: int = 15) -> dict:
         # the same maps: outputs agree to float32 rounding
         y_fm, ld_fm = lu.forward(p_lu, x)
         y_t, ld_t = torch_lu()
-        result["y_rel_diff_vs_torch"] = float(np.abs(y_fm - y_t.numpy()).max() / np.abs(y_t.numpy()).max())
-        result["logdet_rel_diff_vs_torch"] = float(np.abs(ld_fm - ld_t.numpy()).max() / abs(float(ld_t[0])))
+        y_t, ld_t = y_t.numpy(), ld_t.numpy()
+        result["y_rel_diff_vs_torch"] = float(np.abs(y_fm - y_t).max() / np.abs(y_t).max())
+        result["logdet_rel_diff_vs_torch"] = float(np.abs(ld_fm - ld_t).max() / abs(ld_t[0]))
         fns["torch-LU"], fns["torch-slogdet"] = torch_lu, torch_slogdet
     times = _alternate(fns, rounds)
     if torch is None:
@@ -352,7 +357,8 @@ def main(argv=None) -> dict:
     out = {}
     if args.only in (None, "W5"):
         out["W5"] = bench_w5(args.rounds)
-        _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to torch",
+        _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to "
+                     "torch",
                      out["W5"]["grad"])
         _print_table("W5 RealNVP d=784, sample 256 (float32); ratio to torch", out["W5"]["sample"])
         if "loglik_rel_diff_vs_torch" in out["W5"]:

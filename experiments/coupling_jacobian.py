@@ -70,7 +70,7 @@ def _fhat_jacobian(layer, params, x, order, n_a):
     """Dense Jacobian of ``x_B -> y_B`` with ``x_A`` frozen, for each sample of ``x``."""
     n = x.shape[0]
     flat = x.reshape(n, -1)
-    a_idx, b_idx = order[:n_a], order[n_a:]
+    b_idx = order[n_a:]
     d = flat.shape[1]
     # x = E_A x_A + E_B x_B with constant selection matrices (no in-place assignment)
     e_b = np.zeros((len(b_idx), d))
@@ -104,12 +104,14 @@ def _case(layer, shape, cfg, rng):
         _, ld_fhat = np.linalg.slogdet(Jh)
         _, claimed = layer.forward(params, x)
         eye = np.eye(n_a)
-        rows["J_AA_minus_I"] = max(rows["J_AA_minus_I"], float(np.abs(Jp[:, :n_a, :n_a] - eye).max()))
+        rows["J_AA_minus_I"] = max(rows["J_AA_minus_I"],
+                                   float(np.abs(Jp[:, :n_a, :n_a] - eye).max()))
         rows["J_AB"] = max(rows["J_AB"], float(np.abs(Jp[:, :n_a, n_a:]).max()))
         off = Jh - np.einsum("nii->ni", Jh)[:, :, None] * np.eye(Jh.shape[1])
         rows["fhat_offdiag"] = max(rows["fhat_offdiag"], float(np.abs(off).max()))
         rows["det_f_vs_fhat"] = max(rows["det_f_vs_fhat"], float(np.abs(ld_f - ld_fhat).max()))
-        rows["det_f_vs_claimed"] = max(rows["det_f_vs_claimed"], float(np.abs(ld_f - claimed).max()))
+        rows["det_f_vs_claimed"] = max(rows["det_f_vs_claimed"],
+                                       float(np.abs(ld_f - claimed).max()))
         rows["det_fhat_vs_claimed"] = max(rows["det_fhat_vs_claimed"],
                                           float(np.abs(ld_fhat - claimed).max()))
         if example is None:
@@ -118,7 +120,8 @@ def _case(layer, shape, cfg, rng):
 
 
 def _chain_case(cfg, rng):
-    layers = [fm.AffineCoupling("half", cfg.hidden, flip=bool(k % 2)) for k in range(cfg.chain_layers)]
+    layers = [fm.AffineCoupling("half", cfg.hidden, flip=bool(k % 2))
+              for k in range(cfg.chain_layers)]
     chain = fm.Chain(layers)
     err = 0.0
     example = None
@@ -141,7 +144,8 @@ def run(config: Config) -> dict:
     specs = {
         "affine_vector": (fm.AffineCoupling("half", config.hidden), (config.dim,)),
         "additive_vector": (fm.AdditiveCoupling("half", config.hidden), (config.dim,)),
-        "affine_checkerboard": (fm.AffineCoupling("checkerboard", config.hidden), tuple(config.image)),
+        "affine_checkerboard": (fm.AffineCoupling("checkerboard", config.hidden),
+                                tuple(config.image)),
     }
     for name, (layer, shape) in specs.items():
         cases[name], examples[name] = _case(layer, shape, config, rng)

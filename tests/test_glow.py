@@ -15,8 +15,9 @@ LOG2PI = np.log(2 * np.pi)
 
 @pytest.mark.parametrize("shape,axes", [((5,), (0,)), ((3, 4, 4), (0, 2, 3))])
 def test_actnorm_init_normalises_each_channel(rng, shape, axes):
-    x = rng.normal(size=(16,) + shape) * rng.uniform(0.1, 5, size=shape[:1] + (1,) * (len(shape) - 1))
-    x = x + rng.normal(size=shape[:1] + (1,) * (len(shape) - 1)) * 10
+    per_channel = shape[:1] + (1,) * (len(shape) - 1)
+    x = rng.normal(size=(16,) + shape) * rng.uniform(0.1, 5, size=per_channel)
+    x = x + rng.normal(size=per_channel) * 10
     layer = fm.ActNorm()
     params = layer.init(rng, x)
     y, ld = layer.forward(params, x)

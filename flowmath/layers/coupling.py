@@ -150,7 +150,8 @@ def _named_mask(name: str, event_shape: tuple, flip: bool) -> np.ndarray:
         c = event_shape[0]
         if c < 2:
             raise ValueError(
-                f"`mask`='channel' needs at least 2 channels; got event shape {_shape_str(event_shape)}"
+                "`mask`='channel' needs at least 2 channels; got event shape "
+                f"{_shape_str(event_shape)}"
             )
         m = np.zeros(event_shape, dtype=bool)
         m[0::2] = True
@@ -204,7 +205,9 @@ class _Coupling(Bijection):
         try:
             hidden = tuple(int(h) for h in hidden)
         except TypeError as exc:
-            raise TypeError(f"`hidden` must be a sequence of positive ints; got {hidden!r}") from exc
+            raise TypeError(
+                f"`hidden` must be a sequence of positive ints; got {hidden!r}"
+            ) from exc
         if any(h < 1 for h in hidden):
             raise ValueError(f"`hidden` must be a sequence of positive ints; got {hidden!r}")
         self.hidden = hidden

@@ -220,7 +220,8 @@ class GlowStep(Chain):
         return self.layers[0]._event_shape(raw[0])
 
     def __repr__(self) -> str:
-        return f"GlowStep(hidden={self.hidden!r}, lu={self.lu!r}, identity_init={self.identity_init!r})"
+        return (f"GlowStep(hidden={self.hidden!r}, lu={self.lu!r}, "
+                f"identity_init={self.identity_init!r})")
 
 
 # -- Glow -----------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 vectors and tiny images, the complement (flip) too."""
 
 import numpy as np
+from registry import Case
 
 import flowmath as fm
-from registry import Case
 
 _H = (8, 8)  # small conditioners: the dense Jacobian check is brute force
 _VMASK = np.array([True, False, True, True, False, False])

@@ -1,8 +1,9 @@
 """Registry entries for Glow's layers: ActNorm (vectors and images), Squeeze, a flow step and
 the multi-scale model on tiny images."""
 
-import flowmath as fm
 from registry import Case
+
+import flowmath as fm
 
 CASES = [
     Case("ActNorm-vec", fm.ActNorm, (6,)),
