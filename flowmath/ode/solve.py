@@ -312,6 +312,11 @@ def _validate_common(f, y0, t, method, rtol, atol, adjoint, step_size, first_ste
     raw = getval(y0)
     if not hasattr(raw, "shape") or not hasattr(raw, "dtype"):
         raise TypeError(f"`y0` must be an array; got {type(raw).__name__}")
+    if type(raw).__module__.split(".")[0] == "cupy":
+        raise TypeError(
+            "`y0` must be a NumPy array: the ODE drivers run on the host (NumPy only); got a "
+            "CuPy array (use cupy.asnumpy)"
+        )
     if raw.dtype.kind not in "iuf":
         raise TypeError(f"`y0` must be a real array; got dtype {raw.dtype}")
     if not np.all(np.isfinite(raw)):
