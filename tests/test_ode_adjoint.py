@@ -304,3 +304,31 @@ def test_backward_failure_names_the_adjoint_system(rng):
     msg = r"augmented adjoint state \[z, a, a_theta\]\): max_steps=.*stopped at t=.*, h="
     with pytest.raises(ODESolverError, match=msg):
         grad(loss)(np.ones(3))
+
+
+@pytest.mark.parametrize("adjoint", ["backsolve", "checkpoint"])
+def test_forward_is_not_traced_and_stats_dict(rng, adjoint):
+    """Under autograd the whole solve is one primitive: f only ever sees plain arrays, and the
+    `stats` dict receives the forward counts at once and the backward counts with the gradient."""
+    from autograd.tracer import Box
+
+    A = rng.normal(size=(3, 3)) / 2
+    seen = []
+
+    def f(t, y, A):
+        seen.append(isinstance(y, Box) or isinstance(A, Box))
+        return linear(t, y, A)
+
+    stats = {}
+
+    def loss(A):
+        ys = odeint(f, np.ones(3), np.array([0.0, 1.0]), A, adjoint=adjoint, stats=stats)
+        assert set(stats) == {"forward"}
+        return anp.sum(ys**2)
+
+    grad(loss)(A)
+    fw, bw = stats["forward"], stats["backward"]
+    # the forward calls come first (the backward ones go through make_vjp, traced by design)
+    assert len(seen) > fw["nfe"] and not any(seen[: fw["nfe"]]) and all(seen[fw["nfe"] :])
+    assert fw["nfe"] == 2 + 6 * fw["n_steps"] and fw["status"] == 0
+    assert bw["computed"] and bw["mode"] == adjoint and bw["n_vjp"] > 0
