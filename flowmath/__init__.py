@@ -3,7 +3,7 @@
 Public names only; see ``DESIGN.md`` section 2 for the contract.
 """
 
-from . import data, dequantize, estimators, nets, ode, testing, train
+from . import data, dequantize, estimators, lipschitz, nets, ode, testing, train
 from .distributions import Flow, StandardLogistic, StandardNormal
 from .layers import (
     ELU,
@@ -62,6 +62,7 @@ __all__ = [
     "data",
     "dequantize",
     "estimators",
+    "lipschitz",
     "nets",
     "ode",
     "odeint",

@@ -134,3 +134,16 @@ def test_flow_density_mass_is_latent_mass_of_the_image(rng):
     expected = stats.norm.sf(-0.7 * s2 + b2)
     assert expected < 0.99  # the loss is visible
     assert abs(mass(flow, params) - expected) < 1e-9
+
+
+def test_gradient_of_chain_flow_wrt_list_params(rng):
+    """autograd passes a Chain's parameter list as a SequenceBox; validation must accept it."""
+    import autograd
+
+    flow = fm.Flow(fm.Chain([fm.LULinear(), fm.DiagonalLinear()]))
+    x = rng.normal(size=(4, 3))
+    params = flow.init(rng, x)
+    g = autograd.grad(lambda p: anp.sum(flow.log_prob(p, x)))(params)
+    # d/d b of sum log N(Wx + b) + const = -sum_i (W x_i + b) at the diagonal layer's b
+    z, _ = flow.layer.forward(params, x)
+    np.testing.assert_allclose(g[1]["b"], -z.sum(0), rtol=1e-12)

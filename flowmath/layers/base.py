@@ -196,9 +196,10 @@ class Chain(Bijection):
         return params
 
     def _check_params(self, params):
-        if not isinstance(params, (list, tuple)) or len(params) != len(self.layers):
-            got = f"{type(params).__name__} of length {len(params)}" if isinstance(
-                params, (list, tuple)) else type(params).__name__
+        raw = getval(params)  # under autograd the list arrives as a SequenceBox
+        if not isinstance(raw, (list, tuple)) or len(raw) != len(self.layers):
+            got = (f"{type(raw).__name__} of length {len(raw)}" if isinstance(raw, (list, tuple))
+                   else type(raw).__name__)
             raise ValueError(
                 f"`params` must be a list of {len(self.layers)} parameter trees (one per layer); got {got}"
             )
