@@ -47,14 +47,14 @@ RTOL, ATOL = 1e-5, 1e-7
 CNF_TOL = 1e-5
 
 
-def _torch():
+def _torch(threads=2):
     try:
         import torch
         import torchdiffeq
     except ImportError as exc:  # pragma: no cover - optional baseline
         print(f"  [skip] torch / torchdiffeq baselines: {exc}", file=sys.stderr)
         return None, None
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     return torch, torchdiffeq
 
 
@@ -387,9 +387,11 @@ def w4(rounds, torch, tdq, dims=(2, 8, 32, 128, 512), batch=256):
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
 
 
-def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False):
+def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False, threads=2):
     _warm_allocator()
-    torch, tdq = _torch()
+    old = blas_threads(threads)
+    print(f"threads: torch {threads}, NumPy's OpenBLAS {threads} (was {old})")
+    torch, tdq = _torch(threads)
     results = {}
     for name in only:
         fn = WORKLOADS[name]
@@ -407,9 +409,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", nargs="*", default=["W1", "W2", "W3", "W4"])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, W4 up to d = 128")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="threads for torch and for NumPy's BLAS (BENCHMARKS.md: 2)")
     args = ap.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
-    run_benchmarks(tuple(args.only), rounds, args.quick)
+    run_benchmarks(tuple(args.only), rounds, args.quick, args.threads)
 
 
 if __name__ == "__main__":

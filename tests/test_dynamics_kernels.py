@@ -53,3 +53,47 @@ def test_python_path_without_jit():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert float(out.stdout.strip()) < 1e-15
+
+
+@pytest.mark.parametrize("time", ["concat", "concat-squash"])
+def test_fused_one_hidden_layer_kernels_match_numpy_path(time, monkeypatch):
+    """The row-wise kernels of cnf_mlp1 against the generic NumPy paths (their twins)."""
+    from flowmath.ode import dynamics
+
+    rng = np.random.default_rng(3)
+    d, n, t = 3, 7, 0.45
+    fld = dynamics.MLPDynamics((11,), time=time)
+    params = fld.init(rng, d)
+    y, a = rng.normal(size=(2, n, d + 1))
+    probe = None
+    outs = {}
+    for limit in (16, 0):
+        monkeypatch.setattr(dynamics, "FUSED_MAX_DIM", limit)
+        cnf = dynamics.CNFDynamics(fld, probe)
+        outs[limit] = (fld(t, y[:, :d], params), fld.vjp(t, y[:, :d], params, a[:, :d]),
+                       cnf(t, y, params), cnf.vjp(t, y, params, a))
+    fused, plain = outs[16], outs[0]
+
+    def flat(x):
+        if isinstance(x, dict):
+            return np.concatenate([np.ravel(x[k]) for k in sorted(x)])
+        if isinstance(x, (list, tuple)):
+            return np.concatenate([flat(v) for v in x])
+        return np.ravel(x)
+
+    for got, want in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(flat(got), flat(want), rtol=1e-13, atol=1e-13)
+
+
+def test_fused_path_is_taken_only_where_it_applies():
+    from flowmath.ode import dynamics
+
+    rng = np.random.default_rng(4)
+    fld = dynamics.MLPDynamics((5,))
+    params = fld.init(rng, 2)
+    z = rng.normal(size=(3, 2))
+    assert dynamics._fusable(fld, z, params)
+    assert not dynamics._fusable(fld, z.astype(np.float32), params)
+    assert not dynamics._fusable(dynamics.MLPDynamics((5, 5)), z, params)
+    assert not dynamics._fusable(dynamics.MLPDynamics((5,), activation="softplus"), z, params)
+    assert not dynamics._fusable(fld, rng.normal(size=(3, 17)), params)

@@ -46,6 +46,7 @@ import numpy as np
 
 from .._checks import check_choice, check_int, check_rng
 from .._xp import array_namespace, getval
+from ..kernels import cnf_mlp1 as _mlp1
 from ..kernels.cnf_tanh import tanh as _fast_tanh
 from ..kernels.cnf_tanh import tanh_derivs as _tanh_derivs
 
@@ -53,6 +54,24 @@ __all__ = ["ACTIVATIONS", "TIME_MODES", "CNFDynamics", "MLPDynamics"]
 
 TIME_MODES = ("concat", "concat-squash")
 ACTIVATIONS = ("tanh", "softplus")
+
+#: One-hidden-layer tanh fields on states of at most this dimension run the fused row-wise
+#: kernels of :mod:`flowmath.kernels.cnf_mlp1` (NumPy float64 only); above it the skinny
+#: matrix products stop being skinny and BLAS wins. 0 switches the kernels off (the tests
+#: compare both paths).
+FUSED_MAX_DIM = 16
+
+
+def _fusable(field, y2d, params) -> bool:
+    return (
+        field.activation == "tanh"
+        and len(field.hidden) == 1
+        and 0 < y2d.shape[1] <= FUSED_MAX_DIM
+        and type(y2d) is np.ndarray
+        and y2d.dtype == np.float64
+        and all(type(v) is np.ndarray and v.dtype == np.float64
+                for p in params for v in p.values())
+    )
 
 
 # -- activations: value, first and second derivative ------------------------------------------
@@ -213,6 +232,9 @@ class MLPDynamics:
         xp = array_namespace(y, params, t)
         shape = y.shape
         h = xp.reshape(y, (-1, shape[-1]))
+        if xp is np and _fusable(self, h, params):
+            (W0, b0), (W1, b1) = self.effective_weights(t, params)
+            return _mlp1.mlp1_forward(h, W0, b0, W1, b1).reshape(shape)
         last = len(params) - 1
         for l, p in enumerate(params):
             W, b = self._effective(xp, t, p)
@@ -242,6 +264,13 @@ class MLPDynamics:
         shape = y.shape
         d = shape[-1]
         eff = self.effective_weights(t, params)
+        if _fusable(self, np.reshape(y, (-1, d)), params):
+            (W0, b0), (W1, b1) = eff
+            f, gz, gW0, gb0, gW1, gb1 = _mlp1.mlp1_vjp(
+                np.reshape(y, (-1, d)), np.reshape(a, (-1, d)), W0, b0, W1, b1)
+            grads = [self._pullback(t, params[0], gW0, gb0),
+                     self._pullback(t, params[1], gW1, gb1)]
+            return f.reshape(shape), gz.reshape(shape), grads
         last = len(eff) - 1
         hs = [np.reshape(y, (-1, d))]
         ds = []
@@ -320,6 +349,9 @@ class CNFDynamics:
         fld = self.field
         eff = [fld._effective(xp, t, p) for p in params]
         n_hidden = len(eff) - 1
+        if xp is np and self.exact and _fusable(fld, z, params):
+            (W0, b0), (W1, b1) = eff
+            return _mlp1.cnf1_forward(z, W0, b0, W1, b1)
         eps = self.probe
         h = z
         T = None  # tangents: (n, d, H) exact, (n, H) Hutchinson
@@ -379,6 +411,13 @@ class CNFDynamics:
         eff = fld.effective_weights(t, params)
         n_hidden = len(eff) - 1
         exact = self.exact
+        if exact and _fusable(fld, z, params):
+            (W0, b0), (W1, b1) = eff
+            f, tr, gz, gW0, gb0, gW1, gb1 = _mlp1.cnf1_vjp(z, af, at, W0, b0, W1, b1)
+            dydt = np.concatenate([f, tr[:, None]], axis=1)
+            a_y = np.concatenate([gz, np.zeros((n, 1))], axis=1)
+            return dydt, a_y, [fld._pullback(t, params[0], gW0, gb0),
+                               fld._pullback(t, params[1], gW1, gb1)]
         eps = self.probe
         closed = exact and n_hidden == 1
         # forward, keeping what the backward pass needs
