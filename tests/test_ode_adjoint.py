@@ -115,8 +115,9 @@ def test_backsolve_drift_and_counts(rng):
     assert bw.computed and bw.mode == "backsolve"
     assert bw.drift is not None and bw.drift < 1e-6
     assert bw.nfe == bw.n_vjp > 0 and bw.n_steps == bw.n_accepted + bw.n_rejected
-    # 3 backward segments, each pays f(t_k) plus the initial-step probe: nfe = 2*3 + 6*steps
-    assert bw.nfe == 2 * 3 + 6 * bw.n_steps
+    # 3 backward segments, each pays f(t_k) (first step from the forward pass, no probe):
+    # nfe = 3 + 6 * steps
+    assert bw.nfe == 3 + 6 * bw.n_steps
     assert bw.n_stored_states == 4
     assert not box[0].backward.fused_vjp
 

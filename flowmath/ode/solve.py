@@ -352,6 +352,7 @@ class Counts:
     n_accepted: int = 0
     n_rejected: int = 0
     h_last: float = 0.0
+    h_max: float = 0.0  # largest accepted |h|
 
     def add(self, other):
         self.nfe += other.nfe
@@ -601,6 +602,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
                 trace.steps.append((t, h, y, stages))
             counts.n_accepted += 1
             counts.h_last = abs(h)
+            counts.h_max = max(counts.h_max, abs(h))
             node += 1
             t, y = t_new, y_new
             K[0] = K[s - 1]
