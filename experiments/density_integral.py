@@ -1,5 +1,7 @@
-"""Does a CNF density integrate to one? |1 - integral of p| against the solver tolerance
-(FFJORD's diagnostic) for a CNF fitted to a 1-D Gaussian mixture.
+"""Normalisation of a CNF density against the solver tolerance (FFJORD's diagnostic).
+
+Does a CNF density integrate to one? |1 - integral of p| against the solver tolerance for a CNF
+fitted to a 1-D Gaussian mixture.
 
 A CNF's density :math:`p(x) = \\pi(z(t_1)) \\exp \\int_0^{t_1} \\operatorname{tr}\\,
 \\partial f/\\partial z\\, dt` is normalised only as exactly as the ODE is solved: the solver

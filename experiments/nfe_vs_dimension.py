@@ -1,5 +1,6 @@
-"""Solver work against dimension for CNF dynamics: NFE and cost per evaluation, exact and
-Hutchinson traces (FFJORD, Figure 5, on a CPU).
+"""NFE and cost per evaluation of a CNF against dimension (FFJORD Figure 5, on a CPU).
+
+Exact and Hutchinson traces are compared.
 
 FFJORD (Grathwohl et al. 2019, arXiv:1810.01367, Fig. 5) reports that the number of function
 evaluations an adaptive solver needs is roughly independent of the data dimension ``d``, so the
