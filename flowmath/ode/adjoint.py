@@ -58,7 +58,7 @@ from autograd import make_vjp
 from autograd.extend import defvjp, defvjp_argnums, primitive
 
 from .._xp import getval, is_box
-from .solve import Counts, Trace, integrate, make_flat_fun, tree_flatten
+from .solve import _Counts, _make_flat_fun, _Trace, integrate, tree_flatten
 
 __all__ = ["differentiable_solve", "make_vjp_fun"]
 
@@ -126,13 +126,15 @@ class _Context:
         self.stats = stats
         # checkpoint keeps the stage inputs of every accepted step (s states per step, no
         # recomputation in the backward pass); direct needs only the step grid.
-        self.trace = Trace(store_stages=adjoint == "checkpoint") if adjoint != "backsolve" else None
+        self.trace = (
+            _Trace(store_stages=adjoint == "checkpoint") if adjoint != "backsolve" else None
+        )
         self.ys_flat = None
         self.counts = None
 
     def forward(self):
         o = self.opts
-        fun = make_flat_fun(self.f, self.params, self.shape)
+        fun = _make_flat_fun(self.f, self.params, self.shape)
         self.ys_flat, self.counts = integrate(
             fun,
             self.t,
@@ -208,7 +210,7 @@ class _Context:
         z = self.ys_flat[-1]
         a = g[-1]
         a_theta = np.zeros(P)
-        total = Counts()
+        total = _Counts()
         # The reverse-time solve retraces the forward trajectory: start it from half the
         # forward's largest accepted step rather than Hairer's selection (one evaluation plus a
         # ramp-up from a deliberately small step); 10-14% fewer backward evaluations measured on
@@ -405,7 +407,7 @@ def _direct(ctx, f, y0, leaves, rebuild):
 
 
 def differentiable_solve(f, y0, t, leaves, rebuild, adjoint, opts, backward, stats):
-    """The autograd-aware solve: returns ``(ys, forward Counts)`` with ``ys`` a box."""
+    """The autograd-aware solve: returns ``(ys, forward counts)`` with ``ys`` a box."""
     y0raw = np.asarray(getval(y0))
     leaves_raw = [getval(leaf) for leaf in leaves]
     ctx = _Context(f, y0raw, t, leaves_raw, rebuild, adjoint, opts, backward, stats)

@@ -63,8 +63,10 @@ __all__ = [
     "BackwardStats",
     "ODESolution",
     "ODESolverError",
+    "integrate",
     "odeint",
     "solve",
+    "tree_flatten",
 ]
 
 #: Safety factor of the step-size controller (the new step aims at SAFETY * the optimal one).
@@ -87,7 +89,7 @@ class ODESolverError(RuntimeError):
 
 @dataclass
 class BackwardStats:
-    """Counts of the backward (gradient) pass, filled when autograd runs the VJP.
+    """_Counts of the backward (gradient) pass, filled when autograd runs the VJP.
 
     Attributes
     ----------
@@ -329,7 +331,7 @@ def _validate_common(f, y0, t, method, rtol, atol, adjoint, step_size, first_ste
 
 
 @dataclass
-class Trace:
+class _Trace:
     """What a forward pass records for the gradient: accepted steps and where outputs came from.
 
     ``steps[n] = (t_n, h_n, y_n, stages_n)`` (``y_n`` the flat state at the start of step ``n``,
@@ -346,7 +348,7 @@ class Trace:
 
 
 @dataclass
-class Counts:
+class _Counts:
     nfe: int = 0
     n_steps: int = 0
     n_accepted: int = 0
@@ -422,7 +424,7 @@ def integrate(
     norm_size : int, optional
         Error control uses the first ``norm_size`` entries only (a seminorm; the backsolve adjoint
         excludes the parameter-adjoint quadrature).  Default: all.
-    trace : Trace, optional
+    trace : _Trace, optional
         Filled with the accepted steps and the output map when given.
     ys : ndarray, shape (T, N), optional
         Output buffer (allocated when omitted).
@@ -430,7 +432,7 @@ def integrate(
     Returns
     -------
     ys : ndarray, shape (T, N)
-    counts : Counts
+    counts : _Counts
     """
     n = y0.shape[0]
     m = n if norm_size is None else norm_size
@@ -439,7 +441,7 @@ def integrate(
         ys = np.empty((T, n))
     ys[0] = y0
     _record_output(trace, "node_out", 0, 0)
-    counts = Counts()
+    counts = _Counts()
     if T == 1:
         if trace is not None:
             trace.y_end = y0
@@ -620,7 +622,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
 # --------------------------------------------------------------------------- entry points
 
 
-def make_flat_fun(f, params, shape, counter=None):
+def _make_flat_fun(f, params, shape, counter=None):
     """``fun(t, y_flat) -> dy/dt flat`` around ``f(t, y, params)`` with ``y`` of ``shape``."""
     n = int(np.prod(shape, dtype=np.int64))
     checked = []
@@ -758,7 +760,7 @@ def solve(
     if not boxed:
         y0raw = np.asarray(y0)
         out_dtype = np.float32 if y0raw.dtype == np.float32 else np.float64
-        fun = make_flat_fun(f, params, y0raw.shape)
+        fun = _make_flat_fun(f, params, y0raw.shape)
         ys, counts = integrate(
             fun,
             t,
