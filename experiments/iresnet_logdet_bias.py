@@ -292,9 +292,9 @@ def tex(results: dict) -> str:
     rows = []
     for name in ("linear", "elu_aligned", "elu_gaussian"):
         for r in B[name]["roulette"]:
-            rows.append([_STYLE[name][2].replace("||J||", "$\\|J\\|$"), str(r["p"]), r["bias"],
-                         r["z"], r.get("std_exact"), r["std_mc"], r["mean_terms"],
-                         r["expected_terms"]])
+            label = _STYLE[name][2].replace("||J|| = L", "$\\|J\\| = L$")
+            rows.append([label, str(r["p"]), r["bias"], r["z"], r.get("std_exact"), r["std_mc"],
+                         r["mean_terms"], r["expected_terms"]])
     t2 = tex_table(["block", "$p$", "bias", "z", "std exact", "std meas.", "terms",
                     "$1/p+m$"], rows,
                    caption="Russian-roulette estimator (geometric $N$, "
