@@ -11,9 +11,10 @@ Costs per sample, ``d = c h w`` (REFERENCES.md's table):
 
 Every layer here fixes the channel count (and kernel size) at
 ``init`` but accepts any height and width afterwards. ``InvConv1x1`` and ``PeriodicConv2d`` are
-written against the array namespace (NumPy, autograd, CuPy for forward and inverse; autograd
-differentiates NumPy only); ``EmergingConv2d`` is NumPy/autograd only (its numba inverse has a
-plain array twin, :func:`flowmath.kernels.emerging.ar_solve_reference`, usable with CuPy).
+written against the array namespace (NumPy and autograd are tested; the CuPy path for forward and
+inverse is written but untested, no GPU having been available); ``EmergingConv2d`` is
+NumPy/autograd only (its numba inverse has a plain array twin,
+:func:`flowmath.kernels.emerging.ar_solve_reference`, that accepts ``xp=cupy``).
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ class InvConv1x1(Bijection):
         perm = np.rint(to_numpy(params["perm"])).astype(np.intp)
         sign = np.sign(to_numpy(params["sign"])).astype(dtype)  # frozen: rounded to +-1
         _check_log_range(log_s, "params['log_s']")
-        s = sign * xp.exp(log_s)
-        eye = np.eye(c, dtype=dtype)
+        s = xp.asarray(sign) * xp.exp(log_s)
+        eye = xp.asarray(np.eye(c, dtype=dtype))
         l_mat = xp.tril(lower, -1) + eye
         u_mat = xp.triu(upper, 1) + s[:, None] * eye
         return perm, l_mat, u_mat, log_s
@@ -205,7 +206,7 @@ class InvConv1x1(Bijection):
             return params["weight"]
         perm, l_mat, u_mat, _ = self._lu_parts(params)
         xp = array_namespace(params)
-        return xp.matmul(l_mat, u_mat)[perm]
+        return xp.matmul(l_mat, u_mat)[xp.asarray(perm)]
 
     def _logdet(self, params, x):
         hw = x.shape[2] * x.shape[3]
@@ -336,7 +337,8 @@ class PeriodicConv2d(Bijection):
         for a in range(k):
             for b in range(k):
                 scatter[a * k + b, ((a - p) % h) * w + (b - p) % w] += 1.0
-        padded = xp.reshape(xp.matmul(xp.reshape(weight, (c, c, k * k)), scatter), (c, c, h, w))
+        padded = xp.reshape(xp.matmul(xp.reshape(weight, (c, c, k * k)), xp.asarray(scatter)),
+                            (c, c, h, w))
         khat = xp.fft.fft2(padded)  # over the last two axes
         return xp.conj(xp.transpose(khat, (2, 3, 0, 1)))
 
