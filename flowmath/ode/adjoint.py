@@ -67,13 +67,25 @@ def _flat(x):
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def make_vjp_fun(f, params, shape, leaves_raw, need_params):
+def _differentiable(leaf) -> bool:
+    """Leaves autograd can differentiate with respect to: real floating arrays and floats."""
+    if isinstance(leaf, np.ndarray):
+        return leaf.dtype.kind == "f"
+    return isinstance(leaf, float)
+
+
+def make_vjp_fun(f, params, shape, leaves_raw, need_params, rebuild=None):
     """``vjp(t, y_flat, a_flat) -> (dydt_flat, a_y_flat, a_params_flat or None)``.
 
-    Uses the fused ``f.vjp`` when present, else ``autograd.make_vjp``.  ``a_params_flat`` is the
+    Uses the fused ``f.vjp`` when present, else ``autograd.make_vjp`` (with respect to the
+    floating leaves of ``params``; integer leaves get zero cotangents).  ``a_params_flat`` is the
     concatenation of the raveled leaves of ``a^T df/dparams`` in :func:`tree_flatten` order.
     """
     n_leaves = len(leaves_raw)
+    if rebuild is None:
+        rebuild = tree_flatten(params)[1]
+    diff_idx = [i for i, leaf in enumerate(leaves_raw) if _differentiable(leaf)]
+    sizes = [int(np.size(leaf)) for leaf in leaves_raw]
 
     def flat_params(tree):
         ls, _ = tree_flatten(tree)
@@ -99,9 +111,20 @@ def make_vjp_fun(f, params, shape, leaves_raw, need_params):
         y = yflat.reshape(shape)
         a = aflat.reshape(shape)
         if need_params:
-            vjp_fn, ans = make_vjp(lambda yp: f(t, yp[0], yp[1]))((y, params))
-            a_y, a_p = vjp_fn(a)
-            return _flat(ans), _flat(a_y), flat_params(a_p)
+
+            def fun(args):
+                leaves = list(leaves_raw)
+                for i, v in zip(diff_idx, args[1], strict=True):
+                    leaves[i] = v
+                return f(t, args[0], rebuild(leaves))
+
+            vjp_fn, ans = make_vjp(fun)((y, tuple(leaves_raw[i] for i in diff_idx)))
+            a_y, a_d = vjp_fn(a)
+            parts = [np.zeros(n) for n in sizes]
+            for i, g in zip(diff_idx, a_d, strict=True):
+                parts[i] = _flat(g)
+            a_p = np.concatenate(parts) if parts else np.zeros(0)
+            return _flat(ans), _flat(a_y), a_p
         vjp_fn, ans = make_vjp(lambda y_: f(t, y_, params))(y)
         return _flat(ans), _flat(vjp_fn(a)), None
 
@@ -120,6 +143,7 @@ class _Context:
         self.t = t
         self.leaves_raw = leaves_raw
         self.params = rebuild(leaves_raw)
+        self.rebuild = rebuild
         self.adjoint = adjoint
         self.opts = opts
         self.backward_stats = backward
@@ -161,7 +185,9 @@ class _Context:
     def backward(self, g, argnums):
         g = np.asarray(g, dtype=np.float64).reshape(self.t.shape[0], -1)
         need_params = any(i >= 1 for i in argnums)
-        vjp = make_vjp_fun(self.f, self.params, self.shape, self.leaves_raw, need_params)
+        vjp = make_vjp_fun(
+            self.f, self.params, self.shape, self.leaves_raw, need_params, self.rebuild
+        )
         if self.adjoint == "backsolve":
             a0, ath = self._backsolve(vjp, g, need_params)
         else:
