@@ -159,7 +159,7 @@ def plot(results: dict, path) -> None:
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("dimension d (hidden width min(4d, 512))")
     axes[1].set_ylabel("ms per evaluation of [f, div f] (best of repeats)")
-    axes[1].set_title("cost per evaluation: the exact trace grows ~d times faster")
+    axes[1].set_title("cost per evaluation (exact: about d x Hutchinson)")
     axes[1].legend(loc="upper left")
     fig.suptitle("CNF solver work against dimension (dopri5, rtol = atol = "
                  f"{results.get('tol', 1e-5):g})", fontsize=10)
