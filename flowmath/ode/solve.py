@@ -524,6 +524,8 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
     t0, t_end = float(t_out[0]), float(t_out[-1])
     direction = 1.0 if t_end > t0 else -1.0
     K = np.empty((s, y0.shape[0]))
+    K_rows = [K[:i] for i in range(s)]  # views, built once
+    c_list = [float(ci) for ci in c]
     store = trace is not None and trace.store_stages
     K[0] = fun(t0, y0)
     counts.nfe += 1
@@ -537,13 +539,16 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
     else:
         h_abs = min(first_step, abs(t_end - t0))
     t, y = t0, y0
+    partial = m < y0.shape[0]
+    abs_y = np.abs(y0[:m])
+    scale = np.empty(m)
     k_next = 1
     node = 0
     rejected = False
     nonfinite = False
     name = tab.name if what == "state" else f"{tab.name} ({what})"
     while direction * (t_end - t) > 0:
-        h_min = STEP_FLOOR_ULPS * np.spacing(abs(t))
+        h_min = STEP_FLOOR_ULPS * math.ulp(abs(t))
         if h_abs < h_min or not math.isfinite(h_abs):
             why = (
                 "the state or its derivative became non-finite (NaN or inf) and every smaller "
@@ -567,8 +572,8 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
         h = t_new - t
         stages = [y] if store else None
         for i in range(1, s):
-            yi = y + (h * A_rows[i]) @ K[:i]
-            K[i] = fun(t + c[i] * h, yi)
+            yi = y + (h * A_rows[i]) @ K_rows[i]
+            K[i] = fun(t + c_list[i] * h, yi)
             if store:
                 stages.append(yi)
         # FSAL: the last stage input is y_{n+1} (A[-1] = b, c[-1] = 1).
@@ -576,9 +581,13 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
         counts.nfe += s - 1
         counts.n_steps += 1
         err = (h * E) @ K
-        scale = atol + rtol * np.maximum(np.abs(y[:m]), np.abs(y_new[:m]))
-        q = err[:m] / scale
-        err_norm = math.sqrt(float(np.dot(q, q)) / m) if m else 0.0
+        # scaled RMS norm over the first m entries, in a preallocated buffer
+        abs_new = np.abs(y_new[:m] if partial else y_new)
+        np.maximum(abs_y, abs_new, out=scale)
+        scale *= rtol
+        scale += atol
+        q = np.divide(err[:m] if partial else err, scale, out=scale)
+        err_norm = math.sqrt(float(q @ q) / m) if m else 0.0
         # K[s-1] enters err (e_s != 0), so a non-finite stage shows in err_norm; a field that
         # saturates (tanh) can still leave y_new non-finite: check it.
         ok = math.isfinite(err_norm) and bool(np.isfinite(y_new).all())
@@ -603,6 +612,7 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
             if trace is not None:
                 trace.steps.append((t, h, y, stages))
             counts.n_accepted += 1
+            abs_y = abs_new
             counts.h_last = abs(h)
             counts.h_max = max(counts.h_max, abs(h))
             node += 1
@@ -625,20 +635,21 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
 def _make_flat_fun(f, params, shape, counter=None):
     """``fun(t, y_flat) -> dy/dt flat`` around ``f(t, y, params)`` with ``y`` of ``shape``."""
     n = int(np.prod(shape, dtype=np.int64))
-    checked = []
+    shape = tuple(shape)
+
+    checked = False
 
     def fun(t, yflat):
+        nonlocal checked
         out = f(t, yflat.reshape(shape), params)
         if not checked:
-            raw = getval(out)
-            if np.shape(raw) != tuple(shape):
+            if np.shape(getval(out)) != shape:
                 raise ValueError(
-                    f"`f` must return dy/dt with the shape of `y0` {tuple(shape)}; got "
-                    f"{np.shape(raw)}"
+                    f"`f` must return dy/dt with the shape of `y0` {shape}; got "
+                    f"{np.shape(getval(out))}"
                 )
-            checked.append(True)
-        out = np.asarray(out, dtype=np.float64)
-        return out.reshape(n)
+            checked = True
+        return np.asarray(out, dtype=np.float64).reshape(n)
 
     return fun
 
