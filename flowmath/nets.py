@@ -45,6 +45,7 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from ._checks import check_int, check_rng
+from ._xp import getval
 
 __all__ = [
     "conv2d",
@@ -54,6 +55,7 @@ __all__ = [
     "mlp_init",
     "relu",
     "tanh",
+    "unpack",
 ]
 
 
@@ -73,6 +75,78 @@ def tanh(x):
 
 
 defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree) for leaf in _leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def _structure(tree):
+    if isinstance(tree, dict):
+        return {key: _structure(tree[key]) for key in sorted(tree)}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_structure(item) for item in tree)
+    return None
+
+
+def _rebuild(structure, leaves, pos=0):
+    """Inverse of :func:`_leaves`: the nested containers of ``structure`` filled with
+    ``leaves`` in order; returns ``(tree, next position)``."""
+    if isinstance(structure, dict):
+        out = {}
+        for key in structure:  # already sorted
+            out[key], pos = _rebuild(structure[key], leaves, pos)
+        return out, pos
+    if isinstance(structure, (list, tuple)):
+        items = []
+        for item in structure:
+            value, pos = _rebuild(item, leaves, pos)
+            items.append(value)
+        return type(structure)(items), pos
+    return leaves[pos], pos + 1
+
+
+@primitive
+def unpack(tree):
+    """The leaves of a parameter tree as one tuple (depth first, dict keys sorted).
+
+    Why: indexing an autograd-boxed container (``params["net"][0]["W"]``) records one
+    ``container_take`` per level, and the backward pass then accumulates the gradient of every
+    level into a freshly zeroed copy of that level's whole subtree — one allocation and one
+    addition pass over all parameters *per nesting level*. ``unpack`` replaces the levels below
+    it by one: its VJP hands the tuple of leaf gradients back as the tree, without copying.
+    On W5 (7 M parameters, 4 levels) this removes about a tenth of the backward pass.
+    """
+    return tuple(_leaves(tree))
+
+
+@primitive
+def _pack(leaves, structure):
+    """Inverse of :func:`unpack`: the tree of ``structure`` filled with ``leaves``."""
+    return _rebuild(structure, list(leaves))[0]
+
+
+def _unpack_vjp(ans, tree):
+    structure = _structure(getval(tree))  # boxed when differentiating a second time
+    return lambda g: _pack(g, structure)
+
+
+# unpack and _pack are each other's VJP (both linear), so higher derivatives are traced too
+defvjp(unpack, _unpack_vjp)
+defvjp(_pack, lambda ans, leaves, structure: lambda g: unpack(g))
+
+
+def _as_leaves(params):
+    """``params`` as a flat sequence ``(W_0, b_0, W_1, b_1, ...)``: a list of ``{"W", "b"}``
+    dicts is unpacked; a flat sequence of arrays is used as it is."""
+    raw = getval(params)
+    if len(raw) and isinstance(raw[0], dict):
+        return unpack(params)
+    return params
 
 
 def _check_sizes(sizes, name):
@@ -133,19 +207,20 @@ def mlp_apply(params, x):
     Parameters
     ----------
     params : list of dict
-        From :func:`mlp_init`.
+        From :func:`mlp_init` (or its leaves ``(W_0, b_0, W_1, b_1, ...)`` as a flat sequence).
     x : ndarray, shape (n, d_in)
 
     Returns
     -------
     ndarray, shape (n, d_out)
     """
+    leaves = _as_leaves(params)
+    n_layers = len(leaves) // 2
     h = x
-    last = len(params) - 1
-    for k, layer in enumerate(params):
+    for k in range(n_layers):
         # one GEMM per layer; (n, a) @ (a, b) is what BLAS is best at
-        h = anp.dot(h, layer["W"]) + layer["b"]
-        if k < last:
+        h = anp.dot(h, leaves[2 * k]) + leaves[2 * k + 1]
+        if k < n_layers - 1:
             h = relu(h)
     return h
 
@@ -227,11 +302,12 @@ def convnet_init(rng: np.random.Generator, c_in: int, hidden, c_out: int, *,
 
 def convnet_apply(params, x):
     """Apply the conv conditioner to ``x`` of shape ``(n, c_in, h, w)``; returns
-    ``(n, c_out, h, w)``."""
+    ``(n, c_out, h, w)``. ``params`` from :func:`convnet_init`, or its flat leaves."""
+    leaves = _as_leaves(params)
+    n_layers = len(leaves) // 2
     h = x
-    last = len(params) - 1
-    for k, layer in enumerate(params):
-        h = conv2d(h, layer["W"], layer["b"])
-        if k < last:
+    for k in range(n_layers):
+        h = conv2d(h, leaves[2 * k], leaves[2 * k + 1])
+        if k < n_layers - 1:
             h = relu(h)
     return h

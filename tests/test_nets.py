@@ -5,6 +5,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from autograd.test_util import check_grads
 
 from flowmath import nets
 
@@ -82,3 +83,29 @@ def test_bad_arguments(rng):
         nets.mlp_init(0, [3, 2])
     with pytest.raises(ValueError, match="`out_scale` must be"):
         nets.convnet_init(rng, 2, (3,), 2, out_scale=-1.0)
+
+
+def test_unpack_round_trip_and_derivatives(rng):
+    """unpack gives the leaves (dict keys sorted) and its VJP the tree; second and third
+    derivatives through it agree with finite differences."""
+    tree = {"b": [rng.normal(size=3), {"y": rng.normal(size=(2, 2)), "x": rng.normal(size=2)}],
+            "a": rng.normal(size=1)}
+    leaves = nets.unpack(tree)
+    assert [v.shape for v in leaves] == [(1,), (3,), (2,), (2, 2)]
+
+    def f(t):
+        a, b0, bx, by = nets.unpack(t)
+        return anp.sum(a**3) * anp.sum(anp.sin(b0)) + anp.sum(bx**2) * anp.sum(by**3)
+
+    g = autograd.grad(f)(tree)
+    assert set(g) == {"a", "b"} and set(g["b"][1]) == {"x", "y"}
+    check_grads(f, modes=["rev"], order=3)(tree)
+
+
+def test_mlp_params_gradient_to_second_order(rng):
+    p = nets.mlp_init(rng, [3, 4, 2])
+    x = rng.normal(size=(5, 3))
+    check_grads(lambda q: anp.sum(anp.tanh(nets.mlp_apply(q, x))), modes=["rev"], order=2)(p)
+    q = nets.convnet_init(rng, 2, (3,), 2)
+    xi = rng.normal(size=(2, 2, 3, 3))
+    check_grads(lambda r: anp.sum(nets.convnet_apply(r, xi) ** 2), modes=["rev"], order=2)(q)

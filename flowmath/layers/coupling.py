@@ -261,30 +261,41 @@ class _Coupling(Bijection):
             return (W0.shape[1], None, None)
         return (W0.shape[1] + Wl.shape[0] // self._m, None, None)
 
-    def _conditioner(self, params, part, xa):
+    def _unpacked(self, params):
+        """``(net leaves, scale)`` through one :func:`flowmath.nets.unpack` (keys sorted:
+        ``"net"`` before ``"scale"``), so the backward pass accumulates the parameter gradient
+        at one nesting level instead of four."""
+        leaves = nets.unpack(params)
+        n = len(leaves) - (1 if self._m == 2 else 0)
+        net = [leaves[i] for i in range(n)]
+        return net, (leaves[n] if self._m == 2 else None)
+
+    def _conditioner(self, net, part, xa):
         if part.image:
-            return nets.convnet_apply(params["net"], xa)
-        return nets.mlp_apply(params["net"], xa)
+            return nets.convnet_apply(net, xa)
+        return nets.mlp_apply(net, xa)
 
     def _forward(self, params, x, rng):
+        params = self._unpacked(params)
         part = self._partition(x.shape[1:])
         if part.kind == "spatial":
             b = part.mask.astype(x.dtype)
             xa = x * b
-            yb, ld = self._transform(params, self._conditioner(params, part, xa), x, 1.0 - b)
+            yb, ld = self._transform(params, self._conditioner(params[0], part, xa), x, 1.0 - b)
             return yb, ld  # already b*x + (1-b)*(...)
         xa, xb = part.split(x)
-        yb, ld = self._transform(params, self._conditioner(params, part, xa), xb, None)
+        yb, ld = self._transform(params, self._conditioner(params[0], part, xa), xb, None)
         return part.merge(xa, yb), ld
 
     def _inverse(self, params, y, rng):
+        params = self._unpacked(params)
         part = self._partition(y.shape[1:])
         if part.kind == "spatial":
             b = part.mask.astype(y.dtype)
             ya = y * b
-            return self._untransform(params, self._conditioner(params, part, ya), y, 1.0 - b)
+            return self._untransform(params, self._conditioner(params[0], part, ya), y, 1.0 - b)
         ya, yb = part.split(y)
-        xb, ld = self._untransform(params, self._conditioner(params, part, ya), yb, None)
+        xb, ld = self._untransform(params, self._conditioner(params[0], part, ya), yb, None)
         return part.merge(ya, xb), ld
 
 
@@ -390,7 +401,7 @@ class AffineCoupling(_Coupling):
 
     def _scale_shift(self, params, h, nb):
         raw, t = anp.split(h, 2, axis=1)
-        s = params["scale"] * nets.tanh(raw)
+        s = params[1] * nets.tanh(raw)
         if nb is not None:
             s, t = s * nb, t * nb
         return s, t
