@@ -193,7 +193,6 @@ class _Context:
         else:
             a0, ath = self._checkpoint(vjp, g, need_params)
         out = []
-        offset = 0
         sizes = [int(np.size(leaf)) for leaf in self.leaves_raw]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int) if sizes else [0]
         for i in argnums:
@@ -213,7 +212,6 @@ class _Context:
                     out.append(
                         float(piece[0]) if piece.size == 1 else piece.reshape(np.shape(leaf))
                     )
-        del offset
         return tuple(out)
 
     # ----------------------------------------------------------------- backsolve
