@@ -260,16 +260,20 @@ def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
     t = np.array([0.0, 1.0])
 
     def make_fm(adjoint):
+        stats: dict = {}
+
         def loss(args):
             z, params = args
             return anp.sum(fm.odeint(field, z, t, params, rtol=RTOL, atol=ATOL,
-                                     adjoint=adjoint)[-1] ** 2)
+                                     adjoint=adjoint, stats=stats)[-1] ** 2)
 
         grad = autograd.grad(loss)
 
         def run():
             g = grad((z0, p))
-            return f"|g_z0|={np.linalg.norm(g[0]):.6e}"
+            back = stats.get("backward", {})
+            return (f"|g_z0|={np.linalg.norm(g[0]):.6e} nfe={stats['forward']['nfe']}"
+                    f"+{back.get('nfe')} fused={back.get('fused_vjp')}")
 
         return run
 
@@ -411,9 +415,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer rounds, W4 up to d = 128")
     ap.add_argument("--threads", type=int, default=2,
                     help="threads for torch and for NumPy's BLAS (BENCHMARKS.md: 2)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
-    run_benchmarks(tuple(args.only), rounds, args.quick, args.threads)
+    results = run_benchmarks(tuple(args.only), rounds, args.quick, args.threads)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"threads": args.threads, "rounds": rounds, "results": results}, fh,
+                      indent=1)
 
 
 if __name__ == "__main__":
