@@ -100,6 +100,13 @@ def _act_derivs(xp, name, x, h):
     return sig, sig * (1.0 - sig)
 
 
+def _mm3(T, W):
+    """``T @ W`` for ``T`` of shape ``(n, p, k)`` as one 2-D BLAS product (NumPy's batched
+    matmul loops over ``n`` small products)."""
+    n, p, k = T.shape
+    return (np.ascontiguousarray(T).reshape(n * p, k) @ W).reshape(n, p, W.shape[1])
+
+
 def _sigmoid(xp, x):
     return 0.5 * (1.0 + xp.tanh(0.5 * x))
 
@@ -434,7 +441,7 @@ class CNFDynamics:
             if closed:
                 continue
             if exact:
-                M = W[None, :, :] if l == 0 else T @ W
+                M = W[None, :, :] if l == 0 else _mm3(T, W)
                 T = M * s[:, None, :]
             else:
                 M = eps @ W if l == 0 else T @ W
@@ -502,7 +509,7 @@ class CNFDynamics:
                         gWl += Tp.reshape(-1, Tp.shape[-1]).T @ gM.reshape(-1, gM.shape[-1])
                     else:
                         gWl += Tp.T @ gM
-                    gT = gM @ W.T
+                    gT = _mm3(gM, W.T) if exact else gM @ W.T
                 gW[l] = gWl
                 gb[l] = gpre.sum(axis=0)
                 gh = gpre @ W.T
