@@ -365,3 +365,15 @@ def test_integer_leaves_in_params_are_constants(adjoint):
 
     # d/dk of 2 exp(-k) at k = 2
     assert abs(grad(loss)(2.0) + 2 * np.exp(-2.0)) < 1e-9
+
+
+def test_closure_over_a_traced_variable_is_refused(rng):
+    """Gradients flow through `params` only; a traced variable captured by `f` would get a
+    silently wrong (zero) gradient, so it is an error."""
+    A = rng.normal(size=(2, 2))
+
+    def loss(A):
+        return anp.sum(odeint(lambda t, y, p: anp.dot(A, y), np.ones(2), np.array([0.0, 1.0])))
+
+    with pytest.raises(TypeError, match="pass that variable through `params`"):
+        grad(loss)(A)

@@ -643,6 +643,12 @@ def _make_flat_fun(f, params, shape, counter=None):
         nonlocal checked
         out = f(t, yflat.reshape(shape), params)
         if not checked:
+            if is_box(out):
+                raise TypeError(
+                    "`f` returned an autograd tracer for untraced inputs: it closes over a "
+                    "variable being differentiated; pass that variable through `params` so "
+                    "that the adjoint can differentiate it"
+                )
             if np.shape(getval(out)) != shape:
                 raise ValueError(
                     f"`f` must return dy/dt with the shape of `y0` {shape}; got "
