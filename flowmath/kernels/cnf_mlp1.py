@@ -31,6 +31,11 @@ import numpy as np
 __all__ = ["cnf1_forward", "cnf1_vjp", "mlp1_forward", "mlp1_vjp"]
 
 
+# reassociation and contraction only (vectorised sums, FMA); no assumptions about NaN or inf, so
+# a non-finite state still propagates to the solver's check
+_FM = {"reassoc", "contract"}
+
+
 @numba.njit(cache=True, inline="always")
 def _tanh(v):
     e = math.exp(-2.0 * abs(v))
@@ -38,101 +43,124 @@ def _tanh(v):
     return -r if v < 0.0 else r
 
 
-@numba.njit(cache=True)
-def _mlp1_forward(z, W0, b0, W1, b1, f):
-    n, d = z.shape
+@numba.njit(cache=True, fastmath=_FM, inline="always")
+def _hidden(z, r, W0, b0, hbuf):
+    """``hbuf = tanh(z[r] W0 + b0)`` (inner loops run along the contiguous hidden axis)."""
+    d = z.shape[1]
     H = W0.shape[1]
-    dout = W1.shape[1]
-    for r in range(n):
-        for i in range(dout):
-            f[r, i] = b1[i]
+    for k in range(H):
+        hbuf[k] = b0[k]
+    for j in range(d):
+        zj = z[r, j]
         for k in range(H):
-            p = b0[k]
-            for j in range(d):
-                p += z[r, j] * W0[j, k]
-            h = _tanh(p)
-            for i in range(dout):
-                f[r, i] += h * W1[k, i]
+            hbuf[k] += zj * W0[j, k]
+    for k in range(H):
+        hbuf[k] = _tanh(hbuf[k])
 
 
-@numba.njit(cache=True)
-def _mlp1_vjp(z, a, W0, b0, W1, b1, f, gz, gW0, gb0, gW1, gb1):
+@numba.njit(cache=True, fastmath=_FM)
+def _mlp1_forward(z, W0, b0, W1T, b1, f):
+    n = z.shape[0]
+    H = W0.shape[1]
+    dout = W1T.shape[0]
+    hbuf = np.empty(H)
+    for r in range(n):
+        _hidden(z, r, W0, b0, hbuf)
+        for i in range(dout):
+            acc = b1[i]
+            for k in range(H):
+                acc += hbuf[k] * W1T[i, k]
+            f[r, i] = acc
+
+
+@numba.njit(cache=True, fastmath=_FM)
+def _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1):
     n, d = z.shape
     H = W0.shape[1]
-    dout = W1.shape[1]
+    dout = W1T.shape[0]
+    hbuf = np.empty(H)
+    gbuf = np.empty(H)
     for r in range(n):
+        _hidden(z, r, W0, b0, hbuf)
+        for k in range(H):
+            gbuf[k] = 0.0
         for i in range(dout):
-            f[r, i] = b1[i]
-            gb1[i] += a[r, i]
+            ai = a[r, i]
+            gb1[i] += ai
+            acc = b1[i]
+            for k in range(H):
+                acc += hbuf[k] * W1T[i, k]
+                gbuf[k] += ai * W1T[i, k]
+                gW1T[i, k] += hbuf[k] * ai
+            f[r, i] = acc
+        for k in range(H):
+            gp = gbuf[k] * (1.0 - hbuf[k] * hbuf[k])
+            gbuf[k] = gp
+            gb0[k] += gp
         for j in range(d):
-            gz[r, j] = 0.0
-        for k in range(H):
-            p = b0[k]
-            for j in range(d):
-                p += z[r, j] * W0[j, k]
-            h = _tanh(p)
-            g = 0.0
-            for i in range(dout):
-                f[r, i] += h * W1[k, i]
-                g += a[r, i] * W1[k, i]
-                gW1[k, i] += h * a[r, i]
-            gp = g * (1.0 - h * h)
-            gb0[k] += gp
-            for j in range(d):
-                gW0[j, k] += z[r, j] * gp
-                gz[r, j] += gp * W0[j, k]
+            zj = z[r, j]
+            acc = 0.0
+            for k in range(H):
+                gW0[j, k] += zj * gbuf[k]
+                acc += gbuf[k] * W0[j, k]
+            gz[r, j] = acc
 
 
-@numba.njit(cache=True)
-def _cnf1_forward(z, W0, b0, W1, b1, c, f, tr):
+@numba.njit(cache=True, fastmath=_FM)
+def _cnf1_forward(z, W0, b0, W1T, b1, c, f, tr):
     n, d = z.shape
     H = W0.shape[1]
+    hbuf = np.empty(H)
     for r in range(n):
-        for i in range(d):
-            f[r, i] = b1[i]
+        _hidden(z, r, W0, b0, hbuf)
         t = 0.0
         for k in range(H):
-            p = b0[k]
-            for j in range(d):
-                p += z[r, j] * W0[j, k]
-            h = _tanh(p)
-            t += (1.0 - h * h) * c[k]
-            for i in range(d):
-                f[r, i] += h * W1[k, i]
+            t += (1.0 - hbuf[k] * hbuf[k]) * c[k]
         tr[r] = t
+        for i in range(d):
+            acc = b1[i]
+            for k in range(H):
+                acc += hbuf[k] * W1T[i, k]
+            f[r, i] = acc
 
 
-@numba.njit(cache=True)
-def _cnf1_vjp(z, af, at, W0, b0, W1, b1, c, f, tr, gz, gW0, gb0, gW1, gb1, gc):
+@numba.njit(cache=True, fastmath=_FM)
+def _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc):
     n, d = z.shape
     H = W0.shape[1]
+    hbuf = np.empty(H)
+    gbuf = np.empty(H)
     for r in range(n):
+        _hidden(z, r, W0, b0, hbuf)
+        for k in range(H):
+            gbuf[k] = 0.0
         for i in range(d):
-            f[r, i] = b1[i]
-            gb1[i] += af[r, i]
-            gz[r, i] = 0.0
-        t = 0.0
+            ai = af[r, i]
+            gb1[i] += ai
+            acc = b1[i]
+            for k in range(H):
+                acc += hbuf[k] * W1T[i, k]
+                gbuf[k] += ai * W1T[i, k]
+                gW1T[i, k] += hbuf[k] * ai
+            f[r, i] = acc
         ar = at[r]
+        t = 0.0
         for k in range(H):
-            p = b0[k]
-            for j in range(d):
-                p += z[r, j] * W0[j, k]
-            h = _tanh(p)
+            h = hbuf[k]
             s = 1.0 - h * h
-            dd = -2.0 * h * s
             t += s * c[k]
-            g = 0.0
-            for i in range(d):
-                f[r, i] += h * W1[k, i]
-                g += af[r, i] * W1[k, i]
-                gW1[k, i] += h * af[r, i]
-            gp = g * s + ar * c[k] * dd
+            gp = gbuf[k] * s - 2.0 * ar * c[k] * h * s
             gc[k] += s * ar
+            gbuf[k] = gp
             gb0[k] += gp
-            for j in range(d):
-                gW0[j, k] += z[r, j] * gp
-                gz[r, j] += gp * W0[j, k]
         tr[r] = t
+        for j in range(d):
+            zj = z[r, j]
+            acc = 0.0
+            for k in range(H):
+                gW0[j, k] += zj * gbuf[k]
+                acc += gbuf[k] * W0[j, k]
+            gz[r, j] = acc
 
 
 def _c(x):
@@ -141,44 +169,44 @@ def _c(x):
 
 def mlp1_forward(z, W0, b0, W1, b1):
     """``tanh(z W0 + b0) W1 + b1`` for ``z`` of shape ``(n, d)``."""
-    z, W0, b0, W1, b1 = map(_c, (z, W0, b0, W1, b1))
-    f = np.empty((z.shape[0], W1.shape[1]))
-    _mlp1_forward(z, W0, b0, W1, b1, f)
+    z, W0, b0, W1T, b1 = map(_c, (z, W0, b0, W1.T, b1))
+    f = np.empty((z.shape[0], W1T.shape[0]))
+    _mlp1_forward(z, W0, b0, W1T, b1, f)
     return f
 
 
 def mlp1_vjp(z, a, W0, b0, W1, b1):
     """``(f, gz, gW0, gb0, gW1, gb1)``: the value and the VJP with cotangent ``a``."""
-    z, a, W0, b0, W1, b1 = map(_c, (z, a, W0, b0, W1, b1))
-    f = np.empty((z.shape[0], W1.shape[1]))
+    z, a, W0, b0, W1T, b1 = map(_c, (z, a, W0, b0, W1.T, b1))
+    f = np.empty((z.shape[0], W1T.shape[0]))
     gz = np.empty_like(z)
-    gW0, gb0, gW1, gb1 = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1),
-                          np.zeros_like(b1))
-    _mlp1_vjp(z, a, W0, b0, W1, b1, f, gz, gW0, gb0, gW1, gb1)
-    return f, gz, gW0, gb0, gW1, gb1
+    gW0, gb0, gW1T, gb1 = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1T),
+                           np.zeros_like(b1))
+    _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1)
+    return f, gz, gW0, gb0, gW1T.T, gb1
 
 
 def cnf1_forward(z, W0, b0, W1, b1):
     """``(f, tr)``: the field and its exact divergence, shapes ``(n, d)`` and ``(n,)``."""
-    z, W0, b0, W1, b1 = map(_c, (z, W0, b0, W1, b1))
-    c = np.sum(W0 * W1.T, axis=0)
+    z, W0, b0, W1T, b1 = map(_c, (z, W0, b0, W1.T, b1))
+    c = np.sum(W0 * W1T, axis=0)
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])
-    _cnf1_forward(z, W0, b0, W1, b1, c, f, tr)
+    _cnf1_forward(z, W0, b0, W1T, b1, c, f, tr)
     return f, tr
 
 
 def cnf1_vjp(z, af, at, W0, b0, W1, b1):
     """``(f, tr, gz, gW0, gb0, gW1, gb1)``: value and VJP of ``[f, tr]`` with cotangents
     ``(af, at)``; the weights' gradients include the path through ``c = diag(W0 W1)``."""
-    z, af, at, W0, b0, W1, b1 = map(_c, (z, af, at, W0, b0, W1, b1))
-    c = np.sum(W0 * W1.T, axis=0)
+    z, af, at, W0, b0, W1T, b1 = map(_c, (z, af, at, W0, b0, W1.T, b1))
+    c = np.sum(W0 * W1T, axis=0)
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])
     gz = np.empty_like(z)
-    gW0, gb0, gW1, gb1, gc = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1),
-                              np.zeros_like(b1), np.zeros_like(c))
-    _cnf1_vjp(z, af, at, W0, b0, W1, b1, c, f, tr, gz, gW0, gb0, gW1, gb1, gc)
-    gW0 += gc[None, :] * W1.T
-    gW1 += gc[:, None] * W0.T
+    gW0, gb0, gW1T, gb1, gc = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1T),
+                               np.zeros_like(b1), np.zeros_like(c))
+    _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
+    gW0 += gc[None, :] * W1T
+    gW1 = gW1T.T + gc[:, None] * W0.T
     return f, tr, gz, gW0, gb0, gW1, gb1
