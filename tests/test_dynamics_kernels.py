@@ -97,3 +97,18 @@ def test_fused_path_is_taken_only_where_it_applies():
     assert not dynamics._fusable(dynamics.MLPDynamics((5, 5)), z, params)
     assert not dynamics._fusable(dynamics.MLPDynamics((5,), activation="softplus"), z, params)
     assert not dynamics._fusable(fld, rng.normal(size=(3, 17)), params)
+
+
+def test_fused_kernels_propagate_non_finite_values():
+    """No fast-math assumption about NaN/inf: a non-finite state reaches the solver's check."""
+    from flowmath.kernels import cnf_mlp1
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(3, 2))
+    z[1, 0] = np.nan
+    W0, b0, W1, b1 = rng.normal(size=(2, 4)), rng.normal(size=4), rng.normal(size=(4, 2)), \
+        rng.normal(size=2)
+    f = cnf_mlp1.mlp1_forward(z, W0, b0, W1, b1)
+    f2, tr = cnf_mlp1.cnf1_forward(z, W0, b0, W1, b1)
+    assert np.all(np.isnan(f[1])) and np.all(np.isnan(f2[1])) and np.isnan(tr[1])
+    assert np.all(np.isfinite(f[[0, 2]])) and np.all(np.isfinite(tr[[0, 2]]))
