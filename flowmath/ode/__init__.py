@@ -35,19 +35,19 @@ from .solve import (
 from .tableau import DOPRI5, EULER, RK4, TABLEAUX, ButcherTableau
 
 __all__ = [
+    "BackwardStats",
+    "ButcherTableau",
     "DEFAULT_MAX_STEPS",
     "DOPRI5",
     "EULER",
     "MAX_FACTOR",
     "MIN_FACTOR",
+    "ODESolution",
+    "ODESolverError",
     "RK4",
     "SAFETY",
     "STEP_FLOOR_ULPS",
     "TABLEAUX",
-    "BackwardStats",
-    "ButcherTableau",
-    "ODESolution",
-    "ODESolverError",
     "odeint",
     "solve",
 ]

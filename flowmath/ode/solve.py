@@ -55,14 +55,14 @@ from .._xp import getval, is_box
 from .tableau import TABLEAUX, ButcherTableau
 
 __all__ = [
+    "BackwardStats",
     "DEFAULT_MAX_STEPS",
     "MAX_FACTOR",
     "MIN_FACTOR",
-    "SAFETY",
-    "STEP_FLOOR_ULPS",
-    "BackwardStats",
     "ODESolution",
     "ODESolverError",
+    "SAFETY",
+    "STEP_FLOOR_ULPS",
     "integrate",
     "odeint",
     "solve",

@@ -29,7 +29,14 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["DOPRI5", "EULER", "RK4", "TABLEAUX", "ButcherTableau", "rooted_trees"]
+__all__ = [
+    "ButcherTableau",
+    "DOPRI5",
+    "EULER",
+    "RK4",
+    "TABLEAUX",
+    "rooted_trees",
+]
 
 #: Tolerance of the exactness checks on tableau coefficients (they are rationals in float64).
 _TABLEAU_TOL = 1e-13
