@@ -117,7 +117,9 @@ def _flowmath_w5(x, rng):
     params = flow.init(rng, x)
 
     def loss(p):
-        return anp.mean(flow.log_prob(p, x))
+        # the mean as sum * (1/n): autograd's VJP of anp.mean divides by a NumPy int64, which
+        # under NumPy 2's promotion rules (NEP 50) turns a float32 cotangent into float64
+        return anp.sum(flow.log_prob(p, x)) * (1.0 / x.shape[0])
 
     try:
         autograd.grad(loss)(params)
