@@ -114,6 +114,7 @@ def test_backsolve_drift_and_counts(rng):
     bw = box[0].backward
     assert bw.computed and bw.mode == "backsolve"
     assert bw.drift is not None and bw.drift < 1e-6
+    assert bw.drift <= bw.drift_max < 1e-6  # each segment restarts from the forward value
     assert bw.nfe == bw.n_vjp > 0 and bw.n_steps == bw.n_accepted + bw.n_rejected
     # 3 backward segments, each pays f(t_k) (first step from the forward pass, no probe):
     # nfe = 3 + 6 * steps

@@ -111,6 +111,9 @@ class BackwardStats:
     drift : float or None
         ``"backsolve"`` only: Euclidean norm ``||z_hat(t0) - z(t0)||`` of the state reconstructed
         by integrating backwards, a diagnostic of the reverse-time reconstruction error.
+    drift_max : float or None
+        ``"backsolve"`` only: the largest ``||z_hat(t_k) - z(t_k)||`` over the output times (each
+        reverse segment restarts from the forward value at its end).
     n_stored_states : int
         Memory of the gradient in units of one state (``y0.size`` numbers): ``len(t)`` outputs for
         ``"backsolve"``; the distinct stage inputs of the accepted steps for ``"checkpoint"``
@@ -129,6 +132,7 @@ class BackwardStats:
     n_accepted: int = 0
     n_rejected: int = 0
     drift: float | None = None
+    drift_max: float | None = None
     n_stored_states: int = 0
     fused_vjp: bool = False
 
