@@ -417,6 +417,13 @@ def integrate(
 ):
     """Integrate ``fun(t, y_flat) -> dy/dt`` (flat float64 arrays) and fill ``ys[k] = y(t_out[k])``.
 
+    The low-level driver behind :func:`solve` (no input validation, no autograd): explicit
+    Runge-Kutta steps of ``tab``, adaptive with dense output when ``tab`` has embedded weights,
+    else fixed steps, each output interval split into ``ceil(|dt| / step_size)`` equal steps.
+
+    .. math:: y_{n+1} = y_n + h \\sum_i b_i K_i, \\qquad
+        K_i = f\\big(t_n + c_i h,\\, y_n + h \\textstyle\\sum_{j<i} a_{ij} K_j\\big)
+
     Parameters
     ----------
     fun : callable
@@ -425,6 +432,12 @@ def integrate(
         Strictly monotone output times; ``t_out[0]`` is the time of ``y0``.
     y0 : ndarray, shape (N,)
     tab : ButcherTableau
+    rtol, atol : float
+        Tolerances of the adaptive error control (ignored by fixed-step tableaux).
+    step_size, first_step, max_steps :
+        As in :func:`solve`.
+    what : str
+        Name of the state in failure messages.
     norm_size : int, optional
         Error control uses the first ``norm_size`` entries only (a seminorm; the backsolve adjoint
         excludes the parameter-adjoint quadrature).  Default: all.
@@ -436,7 +449,13 @@ def integrate(
     Returns
     -------
     ys : ndarray, shape (T, N)
-    counts : _Counts
+    counts : object
+        With attributes ``nfe``, ``n_steps``, ``n_accepted``, ``n_rejected``, ``h_last`` and
+        ``h_max`` (the largest accepted step).
+
+    References
+    ----------
+    Hairer, Norsett, Wanner (1993), *Solving Ordinary Differential Equations I*, Sec. II.4.
     """
     n = y0.shape[0]
     m = n if norm_size is None else norm_size
