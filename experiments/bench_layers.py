@@ -16,6 +16,18 @@ start, warm-up, then rounds that alternate the implementations (A B A B ...); th
 is the median over rounds of the per-round ratio flowmath / torch. Baselines are optional: a
 missing torch or zuko is skipped with a message.
 
+What was found making W5 BLAS-bound (all fixed in the library or worked around here):
+
+- autograd's VJP of slicing (``x[:, :k]``) scatters with ``numpy.add.at``: ~30 ms per call on a
+  256 x 784 batch, more than the layer's matrix products. Couplings split with ``anp.split``.
+- indexing a boxed parameter tree costs, in the backward pass, a zeroed copy of the whole
+  subtree plus an addition pass *per nesting level* (4 levels: ~20 % of W5's time);
+  :func:`flowmath.nets.unpack` reduces the levels inside a coupling to one.
+- float64 creeping into a float32 backward: ``StandardNormal.log_prob`` adds a float64 0-d array
+  (strong under NumPy 2's NEP 50), and autograd's ``mean`` VJP divides by a NumPy int64; the
+  first is replaced here by a float32-preserving base when detected, the second by
+  ``sum * (1/n)``. With both, every cotangent and every ``tensordot`` of the backward is float32.
+
 Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7]``; set
 ``FLOWMATH_BENCH_THREADS=1`` to use one thread in every library.
 """

@@ -145,3 +145,24 @@ def test_glow_bad_shapes(rng):
         glow.forward(params, rng.normal(size=(2, 2, 4, 4)))
     with pytest.raises(ValueError, match="`levels` must be >= 1"):
         fm.Glow(levels=0)
+
+
+def test_glow_actnorm_initialised_on_the_data_as_it_arrives(rng):
+    """Data-dependent init inside the model: every ActNorm normalises the init batch *at its
+    own input* (after the squeezes, convolutions and couplings before it)."""
+    x = 2.0 + 3.0 * rng.normal(size=(8, 2, 4, 4))
+    glow = fm.Glow(levels=2, steps=2, hidden=(4,))
+    params = glow.init(rng, x)
+    h = x
+    checked = 0
+    for level in range(glow.levels):
+        h, _ = fm.Squeeze().forward({}, h)
+        for step, p in zip(glow._flows[level].layers, params[level], strict=True):
+            actnorm_out, _ = step.layers[0].forward(p[0], h)
+            np.testing.assert_allclose(actnorm_out.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+            np.testing.assert_allclose(actnorm_out.var(axis=(0, 2, 3)), 1.0, rtol=1e-10)
+            checked += 1
+            h, _ = step.forward(p, h)
+        if level < glow.levels - 1:
+            h = h[:, : h.shape[1] // 2]
+    assert checked == 4
