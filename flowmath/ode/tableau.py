@@ -136,6 +136,25 @@ class ButcherTableau:
     ----------
     error_weights : ndarray, shape (s,)
         ``b - b_embedded``: the local error estimate is ``h * error_weights @ K``.
+
+    References
+    ----------
+    Butcher (2016), *Numerical Methods for Ordinary Differential Equations*, 3rd ed., Ch. 3.
+    Hairer, Norsett, Wanner (1993), *Solving Ordinary Differential Equations I*, Sec. II.2.
+
+    Examples
+    --------
+    The explicit midpoint rule is of order 2, and claiming order 3 is refused:
+
+    >>> from flowmath.ode import ButcherTableau
+    >>> mid = ButcherTableau(name="midpoint", c=[0, 0.5], A=[[0, 0], [0.5, 0]], b=[0, 1], order=2)
+    >>> mid.n_stages, mid.adaptive
+    (2, False)
+    >>> try:
+    ...     ButcherTableau(name="x", c=[0, 0.5], A=[[0, 0], [0.5, 0]], b=[0, 1], order=3)
+    ... except ValueError as err:
+    ...     print(str(err).split(";")[1])
+     residuals by tree size [0.0, 0.0, 0.16666666666666666]
     """
 
     name: str
