@@ -253,9 +253,10 @@ class _Coupling(Bijection):
     def _event_shape(self, params):
         if not isinstance(self.mask, str):
             return self.mask.shape
-        W0 = params["net"][0]["W"]
-        Wl = params["net"][-1]["W"]
-        if getval(W0).ndim == 2:  # MLP: vectors of d_A + d_B features
+        raw = getval(params)  # shapes only: no need to trace the indexing
+        W0 = getval(raw["net"][0]["W"])
+        Wl = getval(raw["net"][-1]["W"])
+        if W0.ndim == 2:  # MLP: vectors of d_A + d_B features
             return (W0.shape[0] + Wl.shape[1] // self._m,)
         if self.mask == "checkerboard":
             return (W0.shape[1], None, None)
