@@ -95,11 +95,12 @@ def _factored_variables(glow, params, x):
     return zs, total
 
 
-def test_multiscale_loglik_accounts_for_every_factored_variable(rng):
+@pytest.mark.parametrize("split_prior", [False, True])
+def test_multiscale_loglik_accounts_for_every_factored_variable(rng, split_prior):
     """log p(x) = sum_l log N(z_l) + sum of log-dets, and equals log N(f(x)) + log|det J_f| with
     J_f the dense autograd Jacobian (2 x 4 x 4 image, 2 levels)."""
     x = rng.normal(size=(3, 2, 4, 4))
-    glow = fm.Glow(levels=2, steps=2, hidden=(8,))
+    glow = fm.Glow(levels=2, steps=2, hidden=(8,), split_prior=split_prior)
     flow = fm.Flow(glow)
     params = flow.init(rng, x)
     logp = flow.log_prob(params, x)
@@ -166,3 +167,29 @@ def test_glow_actnorm_initialised_on_the_data_as_it_arrives(rng):
         if level < glow.levels - 1:
             h = h[:, : h.shape[1] // 2]
     assert checked == 4
+
+
+def test_split_prior_is_a_conditional_gaussian(rng):
+    """With split_prior, the factored-out z of level 0 has density N(z; mu(h), sigma(h)^2) with
+    mu = -t e^{-s}, sigma = e^{-s} read off the prior coupling; the model's log-likelihood is
+    the steps' log-dets + that conditional density + the last level's standard normal."""
+    x = rng.normal(size=(4, 1, 4, 4))
+    glow = fm.Glow(levels=2, steps=1, hidden=(4,), split_prior=True)
+    params = glow.init(rng, x)
+    prior = glow._flows[0].layers[-1]
+    assert isinstance(prior, fm.AffineCoupling) and prior.hidden == ()
+    h, _ = fm.Squeeze().forward({}, x)
+    h, ld0 = glow._flows[0].layers[0].forward(params[0][0], h)
+    keep, z = h[:, :2], h[:, 2:]
+    out = fm.nets.convnet_apply(params[0][1]["net"], keep)
+    s = params[0][1]["scale"] * np.tanh(out[:, :2])
+    t = out[:, 2:]
+    mu, sigma = -t * np.exp(-s), np.exp(-s)
+    log_cond = (-0.5 * ((z - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * LOG2PI).sum(axis=(1, 2, 3))
+    h1, _ = fm.Squeeze().forward({}, keep)
+    z1, ld1 = glow._flows[1].layers[0].forward(params[1][0], h1)
+    log_last = (-0.5 * z1**2 - 0.5 * LOG2PI).sum(axis=(1, 2, 3))
+    flow = fm.Flow(glow)
+    flow.init(rng, x)
+    np.testing.assert_allclose(flow.log_prob(params, x), ld0 + log_cond + ld1 + log_last,
+                               rtol=1e-12, atol=1e-11)

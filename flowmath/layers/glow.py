@@ -260,15 +260,22 @@ class Glow(Bijection):
     lu : bool
         LU-parametrised 1x1 convolutions.
     identity_init : bool
-        Start every coupling as the identity.
+        Start every coupling (and split prior) as the identity.
+    split_prior : bool
+        Learned conditional prior for the factored-out variables (see Notes).
 
     Notes
     -----
     Input and output shape ``(n, c, h, w)``. Parameters: a list over levels of the parameters of
-    that level's chain of steps. The factored-out variables get the base density directly
-    (RealNVP); Glow's learned conditional prior :math:`z_l \\sim N(\\mu(h), \\sigma(h)^2)` is the
-    same as one more affine bijection of :math:`z_l` conditioned on :math:`h`, and can be added as
-    a coupling step.
+    that level's chain of steps (``steps`` :class:`GlowStep` trees, then the split prior's).
+
+    Factored-out variables: by default they get the base density directly (RealNVP). With
+    ``split_prior=True`` they get Glow's learned conditional prior
+    :math:`z_l \\sim N(\\mu(h), \\sigma(h)^2)`, written as a bijection so that the base density
+    still covers them: an :class:`AffineCoupling` on ``[h, z_l]`` with the ``"half"`` mask,
+    whose conditioner is a single 3x3 convolution of ``h`` (Glow's ``Conv2dZeros``), maps
+    :math:`z_l \\mapsto z_l e^{s(h)} + t(h)` — the same density as
+    :math:`N(-t e^{-s}, e^{-2s})` — and adds :math:`\\sum s` to the log-det.
 
     References
     ----------
@@ -290,17 +297,21 @@ class Glow(Bijection):
     event_ndims = IMAGE
 
     def __init__(self, levels: int = 2, steps: int = 4, hidden=(64, 64), *, lu: bool = True,
-                 identity_init: bool = False):
+                 identity_init: bool = False, split_prior: bool = False):
         self.levels = check_int(levels, "levels", minimum=1)
         self.steps = check_int(steps, "steps", minimum=1)
         self.hidden = tuple(hidden)
         self.lu = bool(lu)
         self.identity_init = bool(identity_init)
-        self._flows = [
-            Chain([GlowStep(self.hidden, lu=self.lu, identity_init=self.identity_init)
-                   for _ in range(self.steps)])
-            for _ in range(self.levels)
-        ]
+        self.split_prior = bool(split_prior)
+        self._flows = []
+        for level in range(self.levels):
+            layers = [GlowStep(self.hidden, lu=self.lu, identity_init=self.identity_init)
+                      for _ in range(self.steps)]
+            if self.split_prior and level < self.levels - 1:
+                # z (second half) | h (first half): Glow's conditional prior as a bijection
+                layers.append(AffineCoupling("half", (), identity_init=self.identity_init))
+            self._flows.append(Chain(layers))
 
     def _check(self, shape, name):
         _check_even(tuple(shape), name, 2**self.levels, f"Glow(levels={self.levels})")
