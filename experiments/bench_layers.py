@@ -23,6 +23,9 @@ What was found making W5 BLAS-bound (all fixed in the library or worked around h
 - indexing a boxed parameter tree costs, in the backward pass, a zeroed copy of the whole
   subtree plus an addition pass *per nesting level* (4 levels: ~20 % of W5's time);
   :func:`flowmath.nets.unpack` reduces the levels inside a coupling to one.
+- autograd's VJP of ``np.dot`` returns the weight gradient as a transposed (Fortran-order)
+  view; accumulating it is a strided pass (~3 ms per 512 x 784 matrix here). The MLP uses
+  ``matmul``, whose VJP returns contiguous gradients (W5: 1.21x -> 1.11x torch).
 - float64 creeping into a float32 backward: ``StandardNormal.log_prob`` adds a float64 0-d array
   (strong under NumPy 2's NEP 50), and autograd's ``mean`` VJP divides by a NumPy int64; the
   first is replaced here by a float32-preserving base when detected, the second by
