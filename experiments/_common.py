@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fit_loglog_slope", "fit_slope", "save_results", "setup_matplotlib", "tex_table", "versions"]
+__all__ = [
+    "fit_loglog_slope",
+    "fit_slope",
+    "save_results",
+    "setup_matplotlib",
+    "tex_table",
+    "versions",
+]
 
 
 def versions() -> dict:
@@ -96,6 +103,7 @@ def fit_loglog_slope(x, y):
 
 def tex_table(header, rows, caption: str, label: str, fmt: str = "{:.3g}") -> str:
     """A booktabs table; numbers formatted with ``fmt``, strings kept as they are."""
+
     def cell(v):
         if isinstance(v, str):
             return v

@@ -26,10 +26,10 @@ What was found making W5 BLAS-bound (all fixed in the library or worked around h
 - autograd's VJP of ``np.dot`` returns the weight gradient as a transposed (Fortran-order)
   view; accumulating it is a strided pass (~3 ms per 512 x 784 matrix here). The MLP uses
   ``matmul``, whose VJP returns contiguous gradients (W5: 1.21x -> 1.11x torch).
-- float64 creeping into a float32 backward: ``StandardNormal.log_prob`` adds a float64 0-d array
-  (strong under NumPy 2's NEP 50), and autograd's ``mean`` VJP divides by a NumPy int64; the
-  first is replaced here by a float32-preserving base when detected, the second by
-  ``sum * (1/n)``. With both, every cotangent and every ``tensordot`` of the backward is float32.
+- float64 creeping into a float32 backward: autograd's ``mean`` VJP divides by a NumPy int64,
+  which under NumPy 2's promotion rules (NEP 50) makes a float32 cotangent float64; the loss
+  here is ``sum * (1/n)``. With it, every cotangent and every product of the backward is float32
+  (checked below, with a note if not).
 
 Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7]``; set
 ``FLOWMATH_BENCH_THREADS=1`` to use one thread in every library.
@@ -53,7 +53,6 @@ import autograd.numpy as anp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import flowmath as fm  # noqa: E402
-from flowmath._xp import getval  # noqa: E402
 
 __all__ = ["bench_w5", "bench_w7", "main"]
 
@@ -108,23 +107,6 @@ def _summary(times: dict, reference: str) -> dict:
 D, HALF, HIDDEN, N_LAYERS, BATCH = 784, 392, (512, 512), 8, 256
 
 
-class _BoxSafeChain(fm.Chain):
-    """``Chain`` whose parameter check accepts an autograd-boxed list (used only if the library's
-    ``Chain`` rejects one, see the note printed)."""
-
-    def _event_shape(self, params):
-        return super()._event_shape(getval(params))
-
-
-class _Float32Normal(fm.StandardNormal):
-    """Standard normal whose log-density keeps float32 (used only if the library's upcasts)."""
-
-    def log_prob(self, z):
-        d = int(np.prod(getval(z).shape[1:]))
-        return -0.5 * anp.sum(anp.reshape(z * z, (z.shape[0], -1)), axis=1) - 0.5 * d * math.log(
-            2 * math.pi)
-
-
 def _flowmath_w5(x, rng):
     layers = [fm.AffineCoupling("half", HIDDEN, flip=bool(k % 2)) for k in range(N_LAYERS)]
     chain = fm.Chain(layers)
@@ -136,19 +118,8 @@ def _flowmath_w5(x, rng):
         # under NumPy 2's promotion rules (NEP 50) turns a float32 cotangent into float64
         return anp.sum(flow.log_prob(p, x)) * (1.0 / x.shape[0])
 
-    try:
-        autograd.grad(loss)(params)
-    except ValueError as exc:
-        if "parameter trees" not in str(exc):
-            raise
-        _note(f"fm.Chain rejects autograd-boxed params ({exc}); using a box-safe Chain")
-        flow = fm.Flow(_BoxSafeChain(layers))
-        flow.init(rng, x)
     if flow.log_prob(params, x).dtype != np.float32:
-        _note("fm.StandardNormal.log_prob upcasts float32 to float64 (so would the whole "
-              "backward pass); using a float32-preserving standard normal")
-        flow = fm.Flow(flow.layer, base=_Float32Normal())
-        flow.init(rng, x)
+        _note("flowmath W5 log-likelihood is not float32: the backward pass would be float64")
     value_and_grad = autograd.value_and_grad(loss)
     _, g = value_and_grad(params)
     bad = [leaf.dtype for leaf in fm._xp.leaves(g) if leaf.dtype != np.float32]

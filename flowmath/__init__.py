@@ -6,8 +6,8 @@ Public names only; see ``DESIGN.md`` section 2 for the contract.
 from . import data, dequantize, estimators, lipschitz, nets, ode, testing, train
 from .distributions import Flow, StandardLogistic, StandardNormal
 from .layers import (
-    ELU,
     CNF,
+    ELU,
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,

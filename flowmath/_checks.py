@@ -52,7 +52,9 @@ def check_array(x, name: str = "x", *, ndim=None, finite: bool = True):
         allowed = (ndim,) if isinstance(ndim, int) else tuple(sorted(ndim))
         if raw.ndim not in allowed:
             want = " or ".join(f"{k}-D" for k in allowed)
-            raise ValueError(f"`{name}` must be {want} (batch first); got shape {_shape_str(raw.shape)}")
+            raise ValueError(
+                f"`{name}` must be {want} (batch first); got shape {_shape_str(raw.shape)}"
+            )
     if finite:
         check_finite(x, name)
     return dtype

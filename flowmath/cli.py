@@ -61,8 +61,10 @@ def _cmd_reproduce(args) -> int:
             if args.raise_errors:
                 raise
             continue
-        print(f"[{name}] done in {time.perf_counter() - start:.1f} s -> {out / (name + '.png')}",
-              flush=True)
+        print(
+            f"[{name}] done in {time.perf_counter() - start:.1f} s -> {out / (name + '.png')}",
+            flush=True,
+        )
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
@@ -77,11 +79,20 @@ def main(argv=None) -> int:
     p_rep = sub.add_parser("reproduce", help="regenerate figures and generated tables")
     p_rep.add_argument("names", nargs="*", help="experiments to run (default: all)")
     p_rep.add_argument("--quick", action="store_true", help="quick settings (minutes on a laptop)")
-    p_rep.add_argument("--out", default="figures", help="figure and results folder (default: figures)")
-    p_rep.add_argument("--tex-dir", default="paper/generated",
-                       help="folder for generated LaTeX (default: paper/generated)")
-    p_rep.add_argument("--raise", dest="raise_errors", action="store_true",
-                       help="stop at the first failing experiment with its traceback")
+    p_rep.add_argument(
+        "--out", default="figures", help="figure and results folder (default: figures)"
+    )
+    p_rep.add_argument(
+        "--tex-dir",
+        default="paper/generated",
+        help="folder for generated LaTeX (default: paper/generated)",
+    )
+    p_rep.add_argument(
+        "--raise",
+        dest="raise_errors",
+        action="store_true",
+        help="stop at the first failing experiment with its traceback",
+    )
     p_rep.set_defaults(func=_cmd_reproduce)
     args = parser.parse_args(argv)
     return args.func(args)

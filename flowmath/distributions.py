@@ -1,6 +1,7 @@
 """Base densities and :class:`Flow`, the density defined by a bijection and a base.
 
-.. math:: \\log p(x) = \\log \\pi(f(x)) + \\log |\\det J_f(x)|, \\qquad x = f^{-1}(z),\\ z \\sim \\pi.
+.. math:: \\log p(x) = \\log \\pi(f(x)) + \\log |\\det J_f(x)|,
+    \\qquad x = f^{-1}(z),\\ z \\sim \\pi.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ class StandardNormal:
 
     def log_prob(self, z):
         """Log-density of each sample of ``z`` (shape ``(n, ...)``), shape ``(n,)``."""
-        xp = array_namespace(z)
         d = int(np.prod(getval(z).shape[1:]))
-        return -0.5 * sum_except_batch(z * z) - 0.5 * d * math.log(2 * math.pi) + xp.zeros(())
+        # a Python float keeps float32 batches in float32 (a 0-d float64 array would not)
+        return -0.5 * sum_except_batch(z * z) - 0.5 * d * math.log(2 * math.pi)
 
     def sample(self, rng: np.random.Generator, shape, dtype=np.float64):
         check_rng(rng)

@@ -131,8 +131,9 @@ class BijectionReport:
         return "BijectionReport(\n" + "\n".join(lines) + "\n)"
 
 
-def check_bijection(layer: Bijection, params, x, rng: np.random.Generator | None = None,
-                    *, jacobian: bool = True) -> BijectionReport:
+def check_bijection(
+    layer: Bijection, params, x, rng: np.random.Generator | None = None, *, jacobian: bool = True
+) -> BijectionReport:
     """Check a bijection against brute force at the batch ``x``.
 
     Parameters
@@ -186,7 +187,8 @@ def check_bijection(layer: Bijection, params, x, rng: np.random.Generator | None
         report.dtype_ok = (
             y.dtype == x_back.dtype == ld.dtype == ld_inv.dtype
             and (x.dtype != np.float32 or y.dtype == np.float32)
-            and ld.shape == (n,) and ld_inv.shape == (n,)
+            and ld.shape == (n,)
+            and ld_inv.shape == (n,)
         )
         report.forward_roundtrip = relative_error(x_back, x)
         report.inverse_roundtrip = relative_error(y_again, y)

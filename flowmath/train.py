@@ -39,7 +39,8 @@ def tree_zeros_like(tree):
 class Adam:
     """Adam (Kingma & Ba 2015, arXiv:1412.6980) on a parameter pytree.
 
-    .. math:: m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\; v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,
+    .. math:: m \\leftarrow \\beta_1 m + (1-\\beta_1) g,\\;
+        v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,
         \\; \\theta \\leftarrow \\theta - \\eta\\, \\hat m / (\\sqrt{\\hat v} + \\epsilon).
     """
 

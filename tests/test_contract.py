@@ -8,9 +8,9 @@ import pytest
 from autograd.test_util import check_grads
 from hypothesis import given
 from hypothesis import strategies as st
+from registry import all_cases
 
 import flowmath as fm
-from registry import all_cases
 
 CASES = all_cases()
 IDS = [c.id for c in CASES]
@@ -31,7 +31,9 @@ def test_check_bijection_float64(case, seed, n):
     fm.testing.check_bijection(layer, params, x, rng).assert_ok(case.tol64)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.float32], ids=[c.id for c in CASES if c.float32])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.float32], ids=[c.id for c in CASES if c.float32]
+)
 def test_check_bijection_float32(case):
     layer, params, x, rng = _setup(case, 3, 2, np.float32)
     y, ld = layer.forward(params, x, rng)
@@ -39,7 +41,9 @@ def test_check_bijection_float32(case):
     fm.testing.check_bijection(layer, params, x, rng).assert_ok(case.tol32)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.grads], ids=[c.id for c in CASES if c.grads])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.grads], ids=[c.id for c in CASES if c.grads]
+)
 def test_log_likelihood_gradients(case):
     """check_grads (finite differences against reverse mode) on the mean log-likelihood of a
     flow with respect to its parameters."""
@@ -91,7 +95,8 @@ def test_bad_inputs(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_init_is_not_identity(case):
-    """DESIGN 2.1: init draws a generic map, so a Jacobian check right after init means something."""
+    """DESIGN 2.1: init draws a generic map, so that a Jacobian check right after init means
+    something."""
     layer, params, x, rng = _setup(case, 17, 2)
     y, ld = layer.forward(params, x, rng)
     if y.shape == x.shape:

@@ -64,7 +64,7 @@ def test_chain_composes_logdets_and_validates(rng):
     params = chain.init(rng, x)
     y, ld = chain.forward(params, x)
     total, h = 0.0, x
-    for layer, p in zip(chain.layers, params):
+    for layer, p in zip(chain.layers, params, strict=True):
         h, l = layer.forward(p, h)
         total = total + l
     np.testing.assert_allclose(y, h, atol=1e-14)
@@ -92,9 +92,13 @@ def test_float32_is_preserved_and_int_is_promoted(rng):
 
 def test_base_densities_match_scipy(rng):
     z = rng.normal(size=(5, 3))
-    np.testing.assert_allclose(fm.StandardNormal().log_prob(z), stats.norm.logpdf(z).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(
+        fm.StandardNormal().log_prob(z), stats.norm.logpdf(z).sum(1), rtol=1e-13
+    )
     z = 30 * z  # tails: the logistic log-density must stay finite and exact
-    np.testing.assert_allclose(fm.StandardLogistic().log_prob(z), stats.logistic.logpdf(z).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(
+        fm.StandardLogistic().log_prob(z), stats.logistic.logpdf(z).sum(1), rtol=1e-13
+    )
     s = fm.StandardLogistic().sample(np.random.default_rng(1), (20000, 1))
     assert stats.kstest(s.ravel(), stats.logistic.cdf).pvalue > 1e-3
 
@@ -104,7 +108,9 @@ def test_flow_log_prob_sample_roundtrip(rng):
     x = rng.normal(size=(6, 3))
     params = flow.init(rng, x)
     z, ld = flow.layer.forward(params, x)
-    np.testing.assert_allclose(flow.log_prob(params, x), stats.norm.logpdf(z).sum(1) + ld, rtol=1e-13)
+    np.testing.assert_allclose(
+        flow.log_prob(params, x), stats.norm.logpdf(z).sum(1) + ld, rtol=1e-13
+    )
     xs, logp = flow.sample_and_log_prob(params, 7, np.random.default_rng(3))
     np.testing.assert_allclose(logp, flow.log_prob(params, xs), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="call `flow.init"):
@@ -122,7 +128,10 @@ def test_flow_density_mass_is_latent_mass_of_the_image(rng):
             return float(np.exp(flow.log_prob(params, np.array([[v]]))[0]))
 
         cuts = [-80, -5, 0, 5, 80]
-        return sum(quad(p, a, b, limit=200, epsabs=1e-13)[0] for a, b in zip(cuts, cuts[1:]))
+        return sum(
+            quad(p, a, b, limit=200, epsabs=1e-13)[0]
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        )
 
     flow = fm.Flow(fm.Chain([fm.DiagonalLinear(), fm.LeakyReLU(0.3), fm.DiagonalLinear()]))
     params = flow.init(rng, rng.normal(size=(4, 1)))
@@ -147,3 +156,14 @@ def test_gradient_of_chain_flow_wrt_list_params(rng):
     # d/d b of sum log N(Wx + b) + const = -sum_i (W x_i + b) at the diagonal layer's b
     z, _ = flow.layer.forward(params, x)
     np.testing.assert_allclose(g[1]["b"], -z.sum(0), rtol=1e-12)
+
+
+def test_float32_log_prob_and_gradients_stay_float32(rng):
+    import autograd
+
+    flow = fm.Flow(fm.Chain([fm.LULinear(), fm.DiagonalLinear()]))
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    params = flow.init(rng, x)
+    assert flow.log_prob(params, x).dtype == np.float32
+    g = autograd.grad(lambda p: anp.sum(flow.log_prob(p, x)))(params)
+    assert all(leaf.dtype == np.float32 for layer in g for leaf in layer.values())

@@ -40,6 +40,19 @@ def test_experiment_quick_run(name, tmp_path):
     """`flowmath reproduce NAME --quick` end to end (slow: run with `pytest -m slow`)."""
     from flowmath.cli import main
 
-    assert main(["reproduce", name, "--quick", "--out", str(tmp_path), "--tex-dir",
-                 str(tmp_path / "tex"), "--raise"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                name,
+                "--quick",
+                "--out",
+                str(tmp_path),
+                "--tex-dir",
+                str(tmp_path / "tex"),
+                "--raise",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / f"{name}.png").stat().st_size > 1000

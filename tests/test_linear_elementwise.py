@@ -31,8 +31,16 @@ def test_block_diagonal_singular_block_and_bad_size(rng):
 
 @pytest.mark.parametrize(
     "layer",
-    [fm.FullLinear(), fm.DiagonalLinear(), fm.TriangularLinear(), fm.TriangularLinear(lower=False),
-     fm.BlockDiagonalLinear(2), fm.LULinear(), fm.LULinear("identity"), fm.LULinear([2, 0, 3, 1])],
+    [
+        fm.FullLinear(),
+        fm.DiagonalLinear(),
+        fm.TriangularLinear(),
+        fm.TriangularLinear(lower=False),
+        fm.BlockDiagonalLinear(2),
+        fm.LULinear(),
+        fm.LULinear("identity"),
+        fm.LULinear([2, 0, 3, 1]),
+    ],
     ids=repr,
 )
 def test_linear_layers_match_their_dense_matrix(layer, rng):
@@ -61,7 +69,9 @@ def test_lu_permutation_validation():
 def test_shape_mismatch_message(rng):
     layer = fm.FullLinear()
     params = layer.init(rng, rng.normal(size=(2, 4)))
-    with pytest.raises(ValueError, match=r"`x` must have shape \(n, 4\) to match the parameters; got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"`x` must have shape \(n, 4\) to match the parameters; got \(3, 5\)"
+    ):
         layer.forward(params, rng.normal(size=(3, 5)))
 
 

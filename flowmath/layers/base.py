@@ -114,7 +114,9 @@ class Bijection(ABC):
         dtype = check_array(x, name, ndim=ndims)
         raw = getval(x)
         if raw.shape[0] == 0:
-            raise ValueError(f"`{name}` must hold at least one sample; got shape {_shape_str(raw.shape)}")
+            raise ValueError(
+                f"`{name}` must hold at least one sample; got shape {_shape_str(raw.shape)}"
+            )
         if raw.dtype != dtype:
             x = x.astype(dtype)
         return x
@@ -149,7 +151,8 @@ class Bijection(ABC):
 class Chain(Bijection):
     """Composition ``f = f_K o ... o f_1``; log-dets add (chain rule and det multiplicativity).
 
-    .. math:: \\log|\\det J_f(x)| = \\sum_k \\log|\\det J_{f_k}(x_{k-1})|, \\quad x_k = f_k(x_{k-1}).
+    .. math:: \\log|\\det J_f(x)| = \\sum_k \\log|\\det J_{f_k}(x_{k-1})|,
+        \\quad x_k = f_k(x_{k-1}).
 
     Parameters
     ----------
@@ -198,10 +201,14 @@ class Chain(Bijection):
     def _check_params(self, params):
         raw = getval(params)  # under autograd the list arrives as a SequenceBox
         if not isinstance(raw, (list, tuple)) or len(raw) != len(self.layers):
-            got = (f"{type(raw).__name__} of length {len(raw)}" if isinstance(raw, (list, tuple))
-                   else type(raw).__name__)
+            got = (
+                f"{type(raw).__name__} of length {len(raw)}"
+                if isinstance(raw, (list, tuple))
+                else type(raw).__name__
+            )
             raise ValueError(
-                f"`params` must be a list of {len(self.layers)} parameter trees (one per layer); got {got}"
+                f"`params` must be a list of {len(self.layers)} parameter trees (one per layer); "
+                f"got {got}"
             )
 
     def _event_shape(self, params):

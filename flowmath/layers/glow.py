@@ -208,17 +208,6 @@ class GlowStep(Chain):
             AffineCoupling("half", self.hidden, identity_init=self.identity_init),
         ])
 
-    def _event_shape(self, params):
-        # Chain._event_shape rejects a boxed list (autograd.grad boxes the whole tree); the
-        # step's input shape is the ActNorm's.
-        raw = getval(params)
-        if not isinstance(raw, (list, tuple)) or len(raw) != 3:
-            raise ValueError(
-                "`params` must be a list of 3 parameter trees (ActNorm, InvConv1x1, "
-                f"AffineCoupling); got {type(raw).__name__}"
-            )
-        return self.layers[0]._event_shape(raw[0])
-
     def __repr__(self) -> str:
         return (f"GlowStep(hidden={self.hidden!r}, lu={self.lu!r}, "
                 f"identity_init={self.identity_init!r})")

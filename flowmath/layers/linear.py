@@ -250,13 +250,16 @@ class LULinear(Bijection):
         if isinstance(permutation, str):
             if permutation not in ("reverse", "identity"):
                 raise ValueError(
-                    f"`permutation` must be 'reverse', 'identity' or a sequence of ints; got {permutation!r}"
+                    "`permutation` must be 'reverse', 'identity' or a sequence of ints; "
+                    f"got {permutation!r}"
                 )
             self.permutation = permutation
         else:
             perm = np.asarray(permutation)
-            if perm.ndim != 1 or perm.dtype.kind not in "iu" or not np.array_equal(
-                np.sort(perm), np.arange(perm.size)
+            if (
+                perm.ndim != 1
+                or perm.dtype.kind not in "iu"
+                or not np.array_equal(np.sort(perm), np.arange(perm.size))
             ):
                 raise ValueError(
                     f"`permutation` must be a permutation of 0..d-1; got {permutation!r}"

@@ -20,6 +20,7 @@ Chen, Rubanova, Bettencourt, Duvenaud (2018), "Neural Ordinary Differential Equa
 arXiv:1806.07366.
 """
 
+from .dynamics import CNFDynamics, MLPDynamics
 from .solve import (
     DEFAULT_MAX_STEPS,
     MAX_FACTOR,
@@ -37,11 +38,13 @@ from .tableau import DOPRI5, EULER, RK4, TABLEAUX, ButcherTableau
 __all__ = [
     "BackwardStats",
     "ButcherTableau",
+    "CNFDynamics",
     "DEFAULT_MAX_STEPS",
     "DOPRI5",
     "EULER",
     "MAX_FACTOR",
     "MIN_FACTOR",
+    "MLPDynamics",
     "ODESolution",
     "ODESolverError",
     "RK4",

@@ -180,7 +180,8 @@ class _Context:
         for key, value in kw.items():
             setattr(bs, key, value)
         bs.computed = True
-        bs.fused_vjp = callable(getattr(self.f, "vjp", None))
+        # "direct" traces f with autograd whatever it provides
+        bs.fused_vjp = self.adjoint != "direct" and callable(getattr(self.f, "vjp", None))
         if self.stats is not None:
             self.stats["backward"] = bs.as_dict()
 

@@ -1,5 +1,6 @@
-import flowmath as fm
 from registry import Case
+
+import flowmath as fm
 
 CASES = [
     Case("FullLinear", fm.FullLinear, (5,)),

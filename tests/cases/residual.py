@@ -1,5 +1,6 @@
-import flowmath as fm
 from registry import Case
+
+import flowmath as fm
 
 CASES = [
     # exact log-det (dense Jacobian): deterministic, checked against slogdet at 1e-9
