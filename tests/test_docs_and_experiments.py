@@ -56,3 +56,15 @@ def test_experiment_quick_run(name, tmp_path):
         == 0
     )
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_readme_tour_runs():
+    """The README's Python tour is executed as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python block"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
