@@ -31,11 +31,11 @@ import dataclasses
 import time
 
 import numpy as np
-import scipy.linalg
 
 import flowmath as fm
 from experiments._common import fit_loglog_slope, setup_matplotlib, tex_table
 from experiments.linear_complexity import in_child_process
+from flowmath.layers.base import cast_tree
 
 __all__ = ["Config", "plot", "run", "tex"]
 
@@ -57,22 +57,6 @@ class Config:
     def quick(cls) -> Config:
         return cls(channels=(2, 4, 8, 16, 32, 64), timing_channels=(16, 32, 64, 128, 256),
                    repeats=7, w7_repeats=11)
-
-
-def _lu_params(w):
-    p, lower, upper = scipy.linalg.lu(w)
-    s = np.diag(upper)
-    return {
-        "perm": np.argmax(p, axis=1).astype(np.float64),
-        "sign": np.sign(s),
-        "lower": np.tril(lower, -1),
-        "upper": np.triu(upper, 1),
-        "log_s": np.log(np.abs(s)),
-    }
-
-
-def _cast(tree, dtype):
-    return {k: v.astype(dtype) for k, v in tree.items()}
 
 
 def _dense_logdet(layer, params, c, h, w):
@@ -176,7 +160,7 @@ def run(config: Config) -> dict:
     autograd_check = None
     for c in config.channels:
         weight = rng.normal(size=(c, c)) / np.sqrt(c)
-        lu_params = _lu_params(weight)
+        lu_params = fm.InvConv1x1.lu_parameters(weight)
         full_params = {"weight": weight}
         x = rng.normal(size=(1, c, h, w))
         ref, jac = _dense_logdet(full_layer, full_params, c, h, w)
@@ -184,8 +168,8 @@ def run(config: Config) -> dict:
                "lu_weight_error": float(np.abs(lu_layer.weight(lu_params) - weight).max())}
         for dtype, tag in ((np.float64, "64"), (np.float32, "32")):
             xd = x.astype(dtype)
-            ld_full = full_layer.forward(_cast(full_params, dtype), xd)[1][0]
-            ld_lu = lu_layer.forward(_cast(lu_params, dtype), xd)[1][0]
+            ld_full = full_layer.forward(cast_tree(full_params, dtype), xd)[1][0]
+            ld_lu = lu_layer.forward(cast_tree(lu_params, dtype), xd)[1][0]
             row[f"err_plain_{tag}"] = _rel(ld_full, ref)
             row[f"err_lu_{tag}"] = _rel(ld_lu, ref)
         if autograd_check is None:
@@ -216,7 +200,7 @@ def _timing(config: Config) -> dict:
     n, (th, tw) = config.timing_batch, config.timing_hw
     for c in config.timing_channels:
         weight = rng.normal(size=(c, c)) / np.sqrt(c)
-        lu_params, full_params = _lu_params(weight), {"weight": weight}
+        lu_params, full_params = fm.InvConv1x1.lu_parameters(weight), {"weight": weight}
         x = rng.normal(size=(n, c, th, tw))
         y = full_layer.forward(full_params, x)[0]
         fns = [

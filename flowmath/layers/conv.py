@@ -159,7 +159,17 @@ class InvConv1x1(Bijection):
         w0 = _random_orthogonal(rng, c) * np.exp(0.3 * rng.normal(size=c))
         if not self.lu:
             return {"weight": w0}
-        p, lower, upper = scipy.linalg.lu(w0)  # w0 = p @ lower @ upper
+        return self.lu_parameters(w0)
+
+    @staticmethod
+    def lu_parameters(weight):
+        """The ``lu=True`` parameters that represent a given ``c x c`` weight exactly.
+
+        ``weight = P L (U + diag(sign * exp(log_s)))`` from LU with partial pivoting
+        (``scipy.linalg.lu``); ``P`` and the signs are stored as float leaves that are rounded
+        on read, so they receive zero gradient.
+        """
+        p, lower, upper = scipy.linalg.lu(np.asarray(weight, dtype=np.float64))
         s = np.diag(upper)
         return {
             "perm": np.argmax(p, axis=1).astype(np.float64),
