@@ -40,13 +40,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
+
+from experiments._timing import (
+    alternate,
+    import_baselines,
+    summary,
+    thread_env_defaults,
+    warm_allocator,
+)
 
 # 2 threads for every library (BENCHMARKS.md); FLOWMATH_BENCH_THREADS overrides (on an
 # oversubscribed machine 1 thread gives steadier figures). Effective only if numpy is not loaded.
 THREADS = int(os.environ.get("FLOWMATH_BENCH_THREADS", "2"))
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, str(THREADS))
+thread_env_defaults(THREADS)
 
 import autograd  # noqa: E402
 import autograd.numpy as anp  # noqa: E402
@@ -65,41 +71,16 @@ def _note(msg: str) -> None:
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:
+    def skip(exc):
         _note("torch is not installed: baselines skipped (pip install 'flowmath[bench]')")
-        return None
-    torch.set_num_threads(THREADS)
+
+    (torch,) = import_baselines("torch", threads=THREADS, on_missing=skip)
     return torch
 
 
-def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """Time every callable in ``fns`` once per round, alternating; returns lists of seconds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]  # A B, B A: no fixed position advantage
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _summary(times: dict, reference: str) -> dict:
-    out = {}
-    ref = np.asarray(times[reference])
-    for name, ts in times.items():
-        ts = np.asarray(ts)
-        out[name] = {
-            "median_ms": float(np.median(ts) * 1e3),
-            "ratio_to_" + reference: float(np.median(ts / ref)),
-        }
-    return out
+def _alternate(fns: dict, rounds: int) -> dict:
+    """Two warm-up calls, then one call per round, order mirrored on odd rounds (A B, B A)."""
+    return alternate(fns, rounds, warmup=2, mirror=True)
 
 
 # -- W5 -------------------------------------------------------------------------------------------
@@ -268,8 +249,8 @@ def bench_w5(rounds: int = 7) -> dict:
         if z is not None:
             grads["zuko"], samples["zuko"] = z
     ref = "torch" if "torch" in grads else "flowmath"
-    result["grad"] = _summary(_alternate(grads, rounds), ref)
-    result["sample"] = _summary(_alternate(samples, rounds), ref)
+    result["grad"] = summary(_alternate(grads, rounds), ref)
+    result["sample"] = summary(_alternate(samples, rounds), ref)
     return result
 
 
@@ -317,10 +298,10 @@ def bench_w7(rounds: int = 15) -> dict:
         fns["torch-LU"], fns["torch-slogdet"] = torch_lu, torch_slogdet
     times = _alternate(fns, rounds)
     if torch is None:
-        result["times"] = _summary(times, "flowmath-LU")
+        result["times"] = summary(times, "flowmath-LU")
         return result
-    lu_sum = _summary({k: times[k] for k in ("flowmath-LU", "torch-LU")}, "torch-LU")
-    sl_sum = _summary({k: times[k] for k in ("flowmath-slogdet", "torch-slogdet")}, "torch-slogdet")
+    lu_sum = summary({k: times[k] for k in ("flowmath-LU", "torch-LU")}, "torch-LU")
+    sl_sum = summary({k: times[k] for k in ("flowmath-slogdet", "torch-slogdet")}, "torch-slogdet")
     result["LU"], result["slogdet"] = lu_sum, sl_sum
     return result
 
@@ -340,8 +321,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload")
     parser.add_argument("--only", choices=["W5", "W7"], default=None)
     args = parser.parse_args(argv)
-    buf = np.ones(32 * 2**20 // 8)  # touch and free 32 MiB: a settled allocator for everyone
-    del buf
+    warm_allocator()  # touch and free 32 MiB: a settled allocator for everyone
     out = {}
     if args.only in (None, "W5"):
         out["W5"] = bench_w5(args.rounds)

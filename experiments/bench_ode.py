@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
 import sys
-import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
+from experiments._timing import (
+    alternate,
+    blas_threads,
+    clock,
+    import_baselines,
+    median_ms,
+    median_ratio,
+    thread_env_defaults,
+    warm_allocator,
+)
+
+thread_env_defaults(2)
 
 import autograd  # noqa: E402
 import autograd.numpy as anp  # noqa: E402
@@ -48,40 +54,10 @@ CNF_TOL = 1e-5
 
 
 def _torch(threads=2):
-    try:
-        import torch
-        import torchdiffeq
-    except ImportError as exc:  # pragma: no cover - optional baseline
+    def skip(exc):  # pragma: no cover - optional baseline
         print(f"  [skip] torch / torchdiffeq baselines: {exc}", file=sys.stderr)
-        return None, None
-    torch.set_num_threads(threads)
-    return torch, torchdiffeq
 
-
-def blas_threads(n: int) -> int | None:
-    """Set the thread count of the OpenBLAS that NumPy loaded (via its exported setter, found in
-    ``/proc/self/maps``); returns the previous count, or ``None`` where that is not possible.
-    Environment variables are read only when NumPy is first imported, too late for a module
-    that the ``flowmath`` command imports."""
-    import ctypes
-    import re
-
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted(set(re.findall(r"\S*openblas\S*\.so\S*", fh.read())))
-    except OSError:
-        return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    old = int(get())
-                    set_(ctypes.c_int(int(n)))
-                    return old
-    return None
+    return import_baselines("torch", "torchdiffeq", threads=threads, on_missing=skip)
 
 
 # ----------------------------------------------------------------------------- problem setup
@@ -166,42 +142,20 @@ def _torch_cnf(torch, p, *, probe=None):
 
 
 # ----------------------------------------------------------------------------- timing helpers
-def _warm_allocator():
-    block = np.ones(32 * 2**20 // 8)
-    block.sum()
-    del block
-
-
-def _clock(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def compare(contenders: dict, rounds: int) -> dict:
     """Warm up every contender, then alternate flowmath (the first) and each baseline.
 
-    Returns per name: median time (ms), and for baselines the median of per-round ratios
-    baseline / flowmath, plus whatever the last call returned as ``info`` (e.g. NFE)."""
+    Each round times the pairs (flowmath, baseline) in turn: ``fm B fm C ...``. Returns per
+    name: median time (ms), and for baselines the median of per-round ratios
+    baseline / flowmath, plus whatever the warm-up call returned as ``info`` (e.g. NFE)."""
     names = list(contenders)
-    ref = names[0]
-    infos = {}
-    for name in names:
-        _, infos[name] = _clock(contenders[name])
-    times = {n: [] for n in names}
-    ratios = {n: [] for n in names[1:]}
-    for _ in range(rounds):
-        for name in names[1:]:
-            t_ref, _ = _clock(contenders[ref])
-            t_b, _ = _clock(contenders[name])
-            times[ref].append(t_ref)
-            times[name].append(t_b)
-            ratios[name].append(t_b / t_ref)
-    out = {}
-    for name in names:
-        out[name] = {"ms": 1e3 * statistics.median(times[name]), "info": infos[name]}
-        if name in ratios:
-            out[name]["ratio"] = statistics.median(ratios[name])
+    ref, baselines = names[0], names[1:]
+    infos = {name: clock(contenders[name])[1] for name in names}
+    order = [n for name in baselines for n in (ref, name)] or [ref]
+    times = alternate(contenders, rounds, warmup=0, order=order)
+    out = {name: {"ms": median_ms(times[name]), "info": infos[name]} for name in names}
+    for i, name in enumerate(baselines):
+        out[name]["ratio"] = median_ratio(times[name], times[ref][i::len(baselines)])
     return out
 
 
@@ -392,7 +346,7 @@ WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
 
 
 def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False, threads=2):
-    _warm_allocator()
+    warm_allocator()
     old = blas_threads(threads)
     print(f"threads: torch {threads}, NumPy's OpenBLAS {threads} (was {old})")
     torch, tdq = _torch(threads)

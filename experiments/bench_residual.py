@@ -23,23 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 import flowmath as fm
+from experiments._timing import alternate, clock, import_baselines, median_ratio, warm_allocator
 from flowmath.lipschitz import certified_spectral_norm
 
 D, HIDDEN, BATCH, COEFF, N_TERMS, TOL = 784, 1568, 256, 0.9, 10, 1e-6
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(2)
-    return torch
 
 
 class TorchBlock:
@@ -95,25 +86,18 @@ class TorchBlock:
                 k += 1
 
 
-def _time(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="alternating pairs per workload")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    scratch = np.ones(4 * 2**20)  # ~32 MiB allocated and freed once (allocator state)
-    del scratch
+    warm_allocator()  # ~32 MiB allocated and freed once (allocator state)
     x = rng.normal(size=(BATCH, D)).astype(np.float32)
     block = fm.IResBlock(hidden=(HIDDEN,), coeff=COEFF, logdet="series", n_terms=N_TERMS,
                          n_probes=1, spectral="power", n_power_iterations=1)
     params = block.init(rng, x)
-    t_cert, _ = _time(lambda: [certified_spectral_norm(W) for W in params["W"]])
-    t_first, (y, _) = _time(lambda: block.forward(params, x, np.random.default_rng(1)))
+    t_cert, _ = clock(lambda: [certified_spectral_norm(W) for W in params["W"]])
+    t_first, (y, _) = clock(lambda: block.forward(params, x, np.random.default_rng(1)))
     L = block.lipschitz_bound(params)
     _, info = block.invert(params, y, tol=TOL)
     print(f"W6: d={D}, hidden={HIDDEN}, batch={BATCH}, float32, c={COEFF}, {N_TERMS} terms")
@@ -123,11 +107,12 @@ def main(argv=None):
     print(f"cold certificate of both weights (gram, float64): {1e3 * t_cert:.0f} ms; "
           f"first forward incl. certificate: {1e3 * t_first:.0f} ms")
 
-    torch = _torch()
-    tb = None if torch is None else TorchBlock(torch, params, COEFF)
-    if tb is None:
+    def skip(exc):
         print("torch not installed: baseline skipped (pip install flowmath[bench])")
-    else:
+
+    (torch,) = import_baselines("torch", threads=2, on_missing=skip)
+    tb = None if torch is None else TorchBlock(torch, params, COEFF)
+    if tb is not None:
         xt, yt = torch.from_numpy(x), torch.from_numpy(np.asarray(y))
         probe = torch.randn(BATCH, D, generator=torch.Generator().manual_seed(0))
         _, k_torch = tb.invert(yt, L, TOL)
@@ -141,19 +126,11 @@ def main(argv=None):
     }
     rows = []
     for name, (fa, fb) in workloads.items():
-        fa()
-        if fb is not None:
-            fb()  # warm-up
-        ta, tb_, ratios = [], [], []
-        for _ in range(args.reps):
-            a, _ = _time(fa)
-            ta.append(a)
-            if fb is not None:
-                b, _ = _time(fb)
-                tb_.append(b)
-                ratios.append(a / b)
-        rows.append((name, statistics.median(ta), statistics.median(tb_) if tb_ else None,
-                     statistics.median(ratios) if ratios else None))
+        fns = {"flowmath": fa} if fb is None else {"flowmath": fa, "torch": fb}
+        times = alternate(fns, args.reps)  # one warm-up call each, then A B A B ...
+        rows.append((name, statistics.median(times["flowmath"]),
+                     statistics.median(times["torch"]) if fb is not None else None,
+                     median_ratio(times["flowmath"], times["torch"]) if fb is not None else None))
     print(f"\n{'workload':<24s} {'flowmath ms':>12s} {'torch ms':>10s} {'ratio':>7s}")
     for name, a, b, r in rows:
         bs = f"{1e3 * b:10.1f}" if b is not None else f"{'--':>10s}"

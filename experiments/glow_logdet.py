@@ -28,13 +28,20 @@ NeurIPS 2018. arXiv:1807.03039.
 from __future__ import annotations
 
 import dataclasses
-import time
+import statistics
 
 import numpy as np
 
 import flowmath as fm
 from experiments._common import fit_loglog_slope, setup_matplotlib, tex_table
-from experiments.linear_complexity import in_child_process
+from experiments._timing import (
+    alternate,
+    import_baselines,
+    in_child_process,
+    median_ms,
+    median_ratio,
+    warm_allocator,
+)
 from flowmath.layers.base import cast_tree
 
 __all__ = ["Config", "plot", "run", "tex"]
@@ -72,33 +79,6 @@ def _rel(a, ref):
     return float(abs(float(a) - ref) / max(1.0, abs(ref)))
 
 
-def _timer(fn, min_time=2e-3):
-    """Seconds per call of ``fn``, looping so that one sample lasts at least ``min_time``."""
-    fn()
-    loops = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_time or loops >= 1 << 16:
-            return loops
-        loops *= 2
-
-
-def _alternate(fns, repeats, min_time=2e-3):
-    """Median seconds per call of each function, timed in alternation (A B A B ...)."""
-    loops = [_timer(f, min_time) for f in fns]
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, n, out in zip(fns, loops, samples, strict=True):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                f()
-            out.append((time.perf_counter() - t0) / n)
-    return [np.asarray(s) for s in samples]
-
-
 def _w7(config, threads=2):
     """BENCHMARKS.md W7: 1x1 conv on 256 x 48 x 16 x 16 float32, forward with log-det; torch
     gets ``threads`` threads (BENCHMARKS.md: 2 for every library)."""
@@ -110,13 +90,9 @@ def _w7(config, threads=2):
     full_params = {"weight": np.asarray(lu_layer.weight(params), dtype=np.float32)}
     fns = {"flowmath LU": lambda: lu_layer.forward(params, x),
            "flowmath plain": lambda: full_layer.forward(full_params, x)}
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    (torch,) = import_baselines("torch", threads=threads)
     out = {"shape": [n, c, h, w], "torch": torch is not None, "threads": threads}
     if torch is not None:
-        torch.set_num_threads(threads)
         xt = torch.from_numpy(x)
         perm = torch.from_numpy(np.rint(params["perm"]).astype(np.int64))
         lower, upper = torch.from_numpy(params["lower"]), torch.from_numpy(params["upper"])
@@ -140,15 +116,12 @@ def _w7(config, threads=2):
         out["max_abs_diff_vs_torch"] = float(np.abs(y_t - lu_layer.forward(params, x)[0]).max())
         fns["torch LU"] = torch_lu
         fns["torch plain"] = torch_plain
-    block = np.ones(32 * 2**20 // 8)  # allocate and free ~32 MiB once (BENCHMARKS.md)
-    del block
-    names = list(fns)
-    samples = _alternate([fns[k] for k in names], config.w7_repeats, min_time=1e-2)
-    out["median_ms"] = {k: float(np.median(s) * 1e3) for k, s in zip(names, samples, strict=True)}
+    warm_allocator()  # allocate and free ~32 MiB once (BENCHMARKS.md)
+    times = alternate(fns, config.w7_repeats, min_time=1e-2)
+    out["median_ms"] = {k: median_ms(s) for k, s in times.items()}
     if torch is not None:
-        by = dict(zip(names, samples, strict=True))
-        out["ratio_lu"] = float(np.median(by["flowmath LU"] / by["torch LU"]))
-        out["ratio_plain"] = float(np.median(by["flowmath plain"] / by["torch plain"]))
+        out["ratio_lu"] = median_ratio(times["flowmath LU"], times["torch LU"])
+        out["ratio_plain"] = median_ratio(times["flowmath plain"], times["torch plain"])
     return out
 
 
@@ -211,8 +184,8 @@ def _timing(config: Config) -> dict:
             lambda: lu_layer.inverse(lu_params, y),  # noqa: B023
             lambda: full_layer.inverse(full_params, y),  # noqa: B023
         ]
-        s = _alternate(fns, config.repeats)
-        med = [float(np.median(v)) for v in s]
+        times = alternate(dict(enumerate(fns)), config.repeats, min_time=2e-3)
+        med = [statistics.median(v) for v in times.values()]
         timing.append({"c": c, "logdet_lu": med[0], "logdet_plain": med[1], "forward_lu": med[2],
                        "forward_plain": med[3], "inverse_lu": med[4], "inverse_plain": med[5]})
     cs = [t["c"] for t in timing]

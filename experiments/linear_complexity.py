@@ -20,8 +20,9 @@ in ``h w`` (at fixed ``c``) separately. Slopes are fitted to the medians (and, f
 the minima, the usual estimator of the cost without interference) over the repeats.
 
 The timings run in a child process with a single-threaded BLAS (``Config.blas_threads``; see
-:func:`in_child_process`): a multi-threaded BLAS on a shared, oversubscribed machine measures
-the scheduler, and its parallel efficiency grows with the matrix size, which bends exponents.
+:func:`experiments._timing.in_child_process`): a multi-threaded BLAS on a shared,
+oversubscribed machine measures the scheduler, and its parallel efficiency grows with the
+matrix size, which bends exponents.
 
 Caveats (reported with the numbers): timings on a shared machine are noisy; BLAS/LAPACK become
 more efficient as matrices grow (blocking, cache reuse), which pulls the fitted exponents of the
@@ -32,15 +33,15 @@ overhead, not the algorithm.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
-import time
+import statistics
 
 import autograd.numpy as anp
 import numpy as np
 
 import flowmath as fm
 from experiments._common import fit_loglog_slope, setup_matplotlib, tex_table
+from experiments._timing import THREAD_VARS, alternate, in_child_process
 
 __all__ = ["Config", "plot", "run", "tex"]
 
@@ -74,32 +75,13 @@ class Config:
                    min_time=3e-3)
 
 
-def _calibrate(fn, min_time):
-    """Number of calls of ``fn`` that last at least ``min_time`` (after one warm-up call)."""
-    fn()
-    loops = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        if time.perf_counter() - t0 >= min_time or loops >= 1 << 20:
-            return loops
-        loops *= 2
-
-
 def _time_sizes(fns, repeats, min_time):
     """Seconds per call of each function: median and minimum over ``repeats``. The sizes are
     visited round-robin within each repeat, so a burst of load on the shared machine hits all
     sizes alike instead of bending the fitted slope."""
-    loops = [_calibrate(fn, min_time) for fn in fns]
-    samples = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, k, out in zip(fns, loops, samples, strict=True):
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            out.append((time.perf_counter() - t0) / k)
-    return [float(np.median(v)) for v in samples], [float(np.min(v)) for v in samples]
+    times = alternate(dict(enumerate(fns)), repeats, min_time=min_time)
+    return ([statistics.median(v) for v in times.values()],
+            [min(v) for v in times.values()])
 
 
 def _model_slope(model, sizes):
@@ -300,30 +282,6 @@ def _on_side(build):
     return lambda rng, hw: build(rng, int(round(np.sqrt(hw))))
 
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def in_child_process(fn, arg, threads):
-    """``fn(arg)`` in a freshly spawned interpreter whose BLAS uses ``threads`` threads
-    (``None``: this process's settings). BLAS reads its thread count once, at import, so a
-    fresh process is the only portable way to set it. On an oversubscribed machine a
-    multi-threaded BLAS can be 10-100x slower on mid-sized matrices (its threads wait for each
-    other), which hides every exponent; one thread measures the algorithm's cost."""
-    if threads is None:
-        return fn(arg)
-    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-    os.environ.update({k: str(int(threads)) for k in _THREAD_VARS})
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, (arg,))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _measure(config: Config) -> dict:
     rng = np.random.default_rng(config.seed)
     rows = []
@@ -341,7 +299,7 @@ def _measure(config: Config) -> dict:
     return {
         "rows": rows,
         "cpu_count": os.cpu_count(),
-        "threads_env": {k: os.environ.get(k) for k in _THREAD_VARS},
+        "threads_env": {k: os.environ.get(k) for k in THREAD_VARS},
     }
 
 

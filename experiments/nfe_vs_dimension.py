@@ -91,7 +91,7 @@ def run(config: Config) -> dict:
     """Measured with one BLAS thread (the timings are per-evaluation costs, not throughput;
     on the shared 2-core machines a second BLAS thread waits for a core and makes them erratic).
     """
-    from experiments.bench_ode import blas_threads
+    from experiments._timing import blas_threads
 
     old = blas_threads(1)
     try:

@@ -1,0 +1,214 @@
+"""Timing plumbing shared by the benchmarks (``bench_*``) and the timed experiments.
+
+The machines are shared and noisy (``BENCHMARKS.md``): absolute times drift, so contenders are
+compared only within one process. The protocol these helpers implement:
+
+1. fix the thread counts: BLAS through :func:`thread_env_defaults` (before NumPy is imported),
+   :func:`blas_threads` (after) or :func:`in_child_process` (a fresh interpreter); torch through
+   :func:`import_baselines`, which also skips a missing baseline with a message;
+2. allocate and free ~32 MiB once (:func:`warm_allocator`), so every contender meets a settled
+   allocator;
+3. warm up, then time the contenders in alternation, A B A B ... (:func:`alternate`), each
+   sample looped to last at least ``min_time`` when calls are short (:func:`calibrate`);
+4. report medians and the median of the per-round ratios (:func:`median_ms`,
+   :func:`median_ratio`, :func:`summary`), not a ratio of medians: a burst of load hits both
+   members of a round alike and cancels in their ratio.
+
+This module imports only the standard library at load time (NumPy lazily), so that
+:func:`thread_env_defaults` can run before NumPy reads its thread variables.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+__all__ = [
+    "THREAD_VARS",
+    "alternate",
+    "blas_threads",
+    "calibrate",
+    "clock",
+    "import_baselines",
+    "in_child_process",
+    "median_ms",
+    "median_ratio",
+    "summary",
+    "thread_env_defaults",
+    "warm_allocator",
+]
+
+#: The environment variables through which BLAS and OpenMP read their thread counts.
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+def thread_env_defaults(threads: int) -> None:
+    """Default every variable of :data:`THREAD_VARS` to ``threads`` (an explicit setting wins).
+
+    BLAS reads these once, when NumPy is first imported: call this before importing NumPy
+    (for a module run as ``python -m experiments.bench_x``). Once NumPy is loaded, use
+    :func:`blas_threads` or :func:`in_child_process`."""
+    for var in THREAD_VARS:
+        os.environ.setdefault(var, str(threads))
+
+
+def blas_threads(n: int) -> int | None:
+    """Set the thread count of the OpenBLAS that NumPy loaded (via its exported setter, found in
+    ``/proc/self/maps``); returns the previous count, or ``None`` where that is not possible.
+    Environment variables are read only when NumPy is first imported, too late for a module
+    that the ``flowmath`` command imports."""
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted(set(re.findall(r"\S*openblas\S*\.so\S*", fh.read())))
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    old = int(get())
+                    set_(ctypes.c_int(int(n)))
+                    return old
+    return None
+
+
+def in_child_process(fn: Callable, arg, threads: int | None):
+    """``fn(arg)`` in a freshly spawned interpreter whose BLAS uses ``threads`` threads
+    (``None``: this process's settings). BLAS reads its thread count once, at import, so a
+    fresh process is the only portable way to set it. On an oversubscribed machine a
+    multi-threaded BLAS can be 10-100x slower on mid-sized matrices (its threads wait for each
+    other), which hides every exponent; one thread measures the algorithm's cost. ``fn`` must
+    be picklable (a module-level function)."""
+    if threads is None:
+        return fn(arg)
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(int(threads)) for k in THREAD_VARS})
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, (arg,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def import_baselines(*names: str, threads: int,
+                     on_missing: Callable[[ImportError], None] | None = None) -> tuple:
+    """Import the optional baseline packages ``names`` (the first must be ``"torch"``) and give
+    torch ``threads`` intra-op threads.
+
+    Returns a tuple of the modules, in the order named; if any is missing, a tuple of ``None``
+    of the same length, after calling ``on_missing(exc)`` (for the skip message; ``None``:
+    skip silently). Baselines are an optional extra (``pip install 'flowmath[bench]'``)."""
+    import importlib
+
+    if not names or names[0] != "torch":
+        raise ValueError(f"`names` must start with 'torch'; got {names}")
+    try:
+        modules = tuple(importlib.import_module(name) for name in names)
+    except ImportError as exc:
+        if on_missing is not None:
+            on_missing(exc)
+        return (None,) * len(names)
+    modules[0].set_num_threads(threads)
+    return modules
+
+
+# -- allocator --------------------------------------------------------------------------------
+
+def warm_allocator(mib: int = 32) -> None:
+    """Allocate, touch and free ``mib`` MiB once (``BENCHMARKS.md``): the allocator's state
+    moves timings by up to 3x, and this leaves it settled for every contender alike."""
+    import numpy as np
+
+    block = np.ones(mib * 2**20 // 8)
+    block.sum()
+    del block
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def clock(fn: Callable) -> tuple[float, object]:
+    """``(seconds, fn())``: the wall-clock time of one call and what it returned."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def calibrate(fn: Callable, min_time: float, max_loops: int = 1 << 20) -> int:
+    """Number of back-to-back calls of ``fn`` that last at least ``min_time`` seconds (doubling
+    from 1, at most ``max_loops``), so that timer resolution and call jitter stay small against
+    a sample. Call ``fn`` once before, as a warm-up."""
+    loops = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        if time.perf_counter() - start >= min_time or loops >= max_loops:
+            return loops
+        loops *= 2
+
+
+def alternate(fns: Mapping[str, Callable], rounds: int, *, warmup: int = 1,
+              min_time: float | None = None, mirror: bool = False,
+              order: Sequence | None = None) -> dict:
+    """Seconds per call of each function in ``fns``, timed in alternation (A B A B ...).
+
+    Every function is first called ``warmup`` times (in turn); then, with ``min_time`` given,
+    its loop count is set by :func:`calibrate` (otherwise one call per sample). Each of the
+    ``rounds`` rounds times the functions in ``order`` (default: the order of ``fns``; a name
+    may appear more than once, e.g. ``[ref, b, ref, c]`` pairs the reference with each
+    baseline), reversed on odd rounds when ``mirror`` is set (A B, B A: no position advantage).
+
+    Returns ``{name: [seconds per call, one per occurrence per round]}``; the samples of one
+    round sit at the same positions, so per-round ratios are ``median_ratio(t[a], t[b])``.
+    """
+    names = list(fns)
+    order = names if order is None else list(order)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    loops = {name: 1 if min_time is None else calibrate(fns[name], min_time) for name in names}
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (order[::-1] if mirror and r % 2 else order):
+            fn, k = fns[name], loops[name]
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            times[name].append((time.perf_counter() - start) / k)
+    return times
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    """The median of ``seconds``, in milliseconds."""
+    return 1e3 * statistics.median(seconds)
+
+
+def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """The median of the elementwise ratios ``num[i] / den[i]`` (samples timed side by side)."""
+    if len(num) != len(den):
+        raise ValueError(f"`num` and `den` must have the same length; got {len(num)} and "
+                         f"{len(den)}")
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def summary(times: Mapping[str, Sequence[float]], reference: str) -> dict:
+    """``{name: {"median_ms": ..., "ratio_to_<reference>": ...}}`` for the output of
+    :func:`alternate`: the median time and the median per-round ratio to ``reference``."""
+    ref = times[reference]
+    return {name: {"median_ms": median_ms(ts), "ratio_to_" + reference: median_ratio(ts, ref)}
+            for name, ts in times.items()}
