@@ -135,7 +135,7 @@ def _roulette(make_vjp, jac, cfg: Config, rng, linear_J=None):
         var_within = E.var(axis=1, ddof=1).mean()
         se = np.sqrt(var_within / (n_in * R))
         bias = float((truth - E.mean(axis=1)).mean())
-        row = {"p": p, "bias": bias, "z": -bias / se, "std_mc": float(np.sqrt(var_within)),
+        row = {"p": p, "bias": bias, "z": bias / se, "std_mc": float(np.sqrt(var_within)),
                "mean_terms": float(r.n_terms.mean()), "expected_terms": 1 / p + cfg.n_exact,
                "terms_z": float((r.n_terms.mean() - (1 / p + cfg.n_exact))
                                 / np.sqrt((1 - p) / p**2 / r.n_terms.size))}
