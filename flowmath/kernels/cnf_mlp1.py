@@ -58,91 +58,93 @@ def _hidden(z, r, W0, b0, hbuf):
         hbuf[k] = _tanh(hbuf[k])
 
 
+@numba.njit(cache=True, fastmath=_FM)  # an ordinary call: inline="always" measured 1-2 % slower
+def _output(hbuf, r, W1T, b1, f):
+    """``f[r] = hbuf W1 + b1``."""
+    dout, H = W1T.shape
+    for i in range(dout):
+        acc = b1[i]
+        for k in range(H):
+            acc += hbuf[k] * W1T[i, k]
+        f[r, i] = acc
+
+
+@numba.njit(cache=True, fastmath=_FM, inline="always")
+def _output_vjp(hbuf, a, r, W1T, b1, f, gbuf, gW1T, gb1):
+    """:func:`_output` and its VJP with cotangent ``a[r]``: accumulates ``gW1T``, ``gb1`` and
+    sets ``gbuf`` to the cotangent of the activations, ``a[r] W1^T``."""
+    dout, H = W1T.shape
+    for k in range(H):
+        gbuf[k] = 0.0
+    for i in range(dout):
+        ai = a[r, i]
+        gb1[i] += ai
+        acc = b1[i]
+        for k in range(H):
+            acc += hbuf[k] * W1T[i, k]
+            gbuf[k] += ai * W1T[i, k]
+            gW1T[i, k] += hbuf[k] * ai
+        f[r, i] = acc
+
+
+@numba.njit(cache=True, fastmath=_FM, inline="always")
+def _hidden_vjp(z, r, W0, gbuf, gz, gW0):
+    """VJP of the pre-activation ``z[r] W0 + b0`` with cotangent ``gbuf``: accumulates ``gW0``
+    and sets ``gz[r]`` (``b0``'s share, ``gbuf`` itself, is the caller's)."""
+    d, H = W0.shape
+    for j in range(d):
+        zj = z[r, j]
+        acc = 0.0
+        for k in range(H):
+            gW0[j, k] += zj * gbuf[k]
+            acc += gbuf[k] * W0[j, k]
+        gz[r, j] = acc
+
+
 @numba.njit(cache=True, fastmath=_FM)
 def _mlp1_forward(z, W0, b0, W1T, b1, f):
-    n = z.shape[0]
-    H = W0.shape[1]
-    dout = W1T.shape[0]
-    hbuf = np.empty(H)
-    for r in range(n):
+    hbuf = np.empty(W0.shape[1])
+    for r in range(z.shape[0]):
         _hidden(z, r, W0, b0, hbuf)
-        for i in range(dout):
-            acc = b1[i]
-            for k in range(H):
-                acc += hbuf[k] * W1T[i, k]
-            f[r, i] = acc
+        _output(hbuf, r, W1T, b1, f)
 
 
 @numba.njit(cache=True, fastmath=_FM)
 def _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1):
-    n, d = z.shape
     H = W0.shape[1]
-    dout = W1T.shape[0]
     hbuf = np.empty(H)
     gbuf = np.empty(H)
-    for r in range(n):
+    for r in range(z.shape[0]):
         _hidden(z, r, W0, b0, hbuf)
-        for k in range(H):
-            gbuf[k] = 0.0
-        for i in range(dout):
-            ai = a[r, i]
-            gb1[i] += ai
-            acc = b1[i]
-            for k in range(H):
-                acc += hbuf[k] * W1T[i, k]
-                gbuf[k] += ai * W1T[i, k]
-                gW1T[i, k] += hbuf[k] * ai
-            f[r, i] = acc
+        _output_vjp(hbuf, a, r, W1T, b1, f, gbuf, gW1T, gb1)
         for k in range(H):
             gp = gbuf[k] * (1.0 - hbuf[k] * hbuf[k])
             gbuf[k] = gp
             gb0[k] += gp
-        for j in range(d):
-            zj = z[r, j]
-            acc = 0.0
-            for k in range(H):
-                gW0[j, k] += zj * gbuf[k]
-                acc += gbuf[k] * W0[j, k]
-            gz[r, j] = acc
+        _hidden_vjp(z, r, W0, gbuf, gz, gW0)
 
 
 @numba.njit(cache=True, fastmath=_FM)
 def _cnf1_forward(z, W0, b0, W1T, b1, c, f, tr):
-    n, d = z.shape
     H = W0.shape[1]
     hbuf = np.empty(H)
-    for r in range(n):
+    for r in range(z.shape[0]):
         _hidden(z, r, W0, b0, hbuf)
         t = 0.0
         for k in range(H):
             t += (1.0 - hbuf[k] * hbuf[k]) * c[k]
         tr[r] = t
-        for i in range(d):
-            acc = b1[i]
-            for k in range(H):
-                acc += hbuf[k] * W1T[i, k]
-            f[r, i] = acc
+        _output(hbuf, r, W1T, b1, f)
 
 
 @numba.njit(cache=True, fastmath=_FM)
 def _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc):
-    n, d = z.shape
     H = W0.shape[1]
     hbuf = np.empty(H)
     gbuf = np.empty(H)
-    for r in range(n):
+    for r in range(z.shape[0]):
         _hidden(z, r, W0, b0, hbuf)
-        for k in range(H):
-            gbuf[k] = 0.0
-        for i in range(d):
-            ai = af[r, i]
-            gb1[i] += ai
-            acc = b1[i]
-            for k in range(H):
-                acc += hbuf[k] * W1T[i, k]
-                gbuf[k] += ai * W1T[i, k]
-                gW1T[i, k] += hbuf[k] * ai
-            f[r, i] = acc
+        _output_vjp(hbuf, af, r, W1T, b1, f, gbuf, gW1T, gb1)
         ar = at[r]
         t = 0.0
         for k in range(H):
@@ -154,13 +156,7 @@ def _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
             gbuf[k] = gp
             gb0[k] += gp
         tr[r] = t
-        for j in range(d):
-            zj = z[r, j]
-            acc = 0.0
-            for k in range(H):
-                gW0[j, k] += zj * gbuf[k]
-                acc += gbuf[k] * W0[j, k]
-            gz[r, j] = acc
+        _hidden_vjp(z, r, W0, gbuf, gz, gW0)
 
 
 def _c(x):
