@@ -488,9 +488,36 @@ def _nonfinite_error(method, t, h, what):
     )
 
 
+def _stage_plan(tab, K):
+    """What :func:`_stages` reads for ``tab``, built once per integration: the rows
+    ``A[i, :i]`` (contiguous), the views ``K[:i]`` of the stage buffer and ``c`` as floats."""
+    s = tab.n_stages
+    A_rows = [np.ascontiguousarray(tab.A[i, :i]) for i in range(s)]
+    K_rows = [K[:i] for i in range(s)]
+    return A_rows, K_rows, [float(ci) for ci in tab.c]
+
+
+def _stages(fun, t, y, h, K, plan, store):
+    """Stages 2..s of one explicit Runge-Kutta step from ``(t, y)`` with step ``h``, ``K[0]``
+    given: fills ``K[1:]`` with
+
+    .. math:: K_i = f(t + c_i h, y_i), \\qquad y_i = y + h \\sum_{j<i} a_{ij} K_j
+
+    and returns ``(y_s, stages)``: the last stage input (``y`` when ``s = 1``) and, when
+    ``store``, the list ``[y, y_2, ..., y_s]`` of stage inputs (else ``None``)."""
+    A_rows, K_rows, c = plan
+    stages = [y] if store else None
+    yi = y
+    for i in range(1, len(c)):
+        yi = y + (h * A_rows[i]) @ K_rows[i]
+        K[i] = fun(t + c[i] * h, yi)
+        if store:
+            stages.append(yi)
+    return yi, stages
+
+
 def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
     s = tab.n_stages
-    A, b, c = tab.A, tab.b, tab.c
     # Each output interval is split into ceil(|dt| / step_size) equal steps, so outputs fall on
     # steps and the order of the method is preserved (no interpolation).
     dts = np.diff(t_out)
@@ -505,6 +532,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             f"t={t_out[-1]!r}, more than max_steps={max_steps}; raise `max_steps` or the step"
         )
     K = np.empty((s, y0.shape[0]))
+    plan = _stage_plan(tab, K)
     store = trace is not None and trace.store_stages
     y = y0
     node = 0
@@ -515,13 +543,8 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
             t_new = tb if j == mk - 1 else ta + (tb - ta) * (j + 1) / mk
             h = t_new - t
             K[0] = fun(t, y)
-            stages = [y] if store else None
-            for i in range(1, s):
-                yi = y + h * (A[i, :i] @ K[:i])
-                K[i] = fun(t + c[i] * h, yi)
-                if store:
-                    stages.append(yi)
-            y_new = y + h * (b @ K)
+            _, stages = _stages(fun, t, y, h, K, plan, store)
+            y_new = y + h * (tab.b @ K)
             counts.nfe += s
             counts.n_steps += 1
             counts.n_accepted += 1
@@ -540,15 +563,13 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, trace, ys, counts, what):
 
 def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, ys, counts, what):
     s = tab.n_stages
-    A, c, E = tab.A, tab.c, tab.error_weights
-    A_rows = [np.ascontiguousarray(A[i, :i]) for i in range(s)]
+    E = tab.error_weights
     exponent = -1.0 / (min(tab.order, tab.embedded_order) + 1)
     T = t_out.shape[0]
     t0, t_end = float(t_out[0]), float(t_out[-1])
     direction = 1.0 if t_end > t0 else -1.0
     K = np.empty((s, y0.shape[0]))
-    K_rows = [K[:i] for i in range(s)]  # views, built once
-    c_list = [float(ci) for ci in c]
+    plan = _stage_plan(tab, K)
     store = trace is not None and trace.store_stages
     K[0] = fun(t0, y0)
     counts.nfe += 1
@@ -593,14 +614,8 @@ def _adaptive(fun, t_out, y0, tab, rtol, atol, first_step, max_steps, trace, m, 
         if direction * (t_end - t_new) <= h_min:
             t_new = t_end
         h = t_new - t
-        stages = [y] if store else None
-        for i in range(1, s):
-            yi = y + (h * A_rows[i]) @ K_rows[i]
-            K[i] = fun(t + c_list[i] * h, yi)
-            if store:
-                stages.append(yi)
         # FSAL: the last stage input is y_{n+1} (A[-1] = b, c[-1] = 1).
-        y_new = yi
+        y_new, stages = _stages(fun, t, y, h, K, plan, store)
         counts.nfe += s - 1
         counts.n_steps += 1
         err = (h * E) @ K
