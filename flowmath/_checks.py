@@ -20,6 +20,7 @@ __all__ = [
     "check_probability",
     "check_rng",
     "check_choice",
+    "check_float_dtype",
     "float_dtype",
 ]
 
@@ -37,6 +38,17 @@ def float_dtype(x, name: str = "x"):
     if dtype == np.float64 or dtype.kind in "iub":
         return np.dtype(np.float64)
     raise TypeError(f"`{name}` must be a real floating or integer array; got dtype {dtype}")
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """A requested output dtype: float32 or float64 (as a ``numpy.dtype``), else ``TypeError``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"`{name}` must be a NumPy floating dtype; got {dtype!r}") from exc
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"`{name}` must be float32 or float64; got {dt}")
+    return dt
 
 
 def check_array(x, name: str = "x", *, ndim=None, finite: bool = True):

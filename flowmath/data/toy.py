@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from .._checks import check_choice, check_int, check_rng
+from .._checks import check_choice, check_float_dtype, check_int, check_rng
 
 __all__ = [
     "TOY_NAMES",
@@ -65,10 +65,7 @@ TOY_NAMES = (
 def _prepare(n, rng, dtype):
     n = check_int(n, "n", minimum=1)
     check_rng(rng)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"`dtype` must be float32 or float64; got {dtype}")
-    return n, dtype
+    return n, check_float_dtype(dtype)
 
 
 def _on_circle(radius, angle):

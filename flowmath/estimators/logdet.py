@@ -36,9 +36,16 @@ from typing import NamedTuple
 import numpy as np
 from scipy import special
 
-from .._checks import check_choice, check_int, check_positive, check_probability, check_rng
+from .._checks import (
+    check_choice,
+    check_float_dtype,
+    check_int,
+    check_positive,
+    check_probability,
+    check_rng,
+)
 from .._xp import array_namespace, getval, is_box
-from .trace import PROBES, _check_dtype, draw_probes
+from .trace import PROBES, draw_probes
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -137,7 +144,7 @@ def _common_args(n, dim, n_probes, probe, dtype):
     dim = check_int(dim, "dim", minimum=1)
     n_probes = check_int(n_probes, "n_probes", minimum=1)
     check_choice(probe, "probe", PROBES)
-    return n, dim, n_probes, _check_dtype(dtype)
+    return n, dim, n_probes, check_float_dtype(dtype)
 
 
 def _check_roulette_args(p, distribution, lam, n_exact):

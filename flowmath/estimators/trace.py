@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_choice, check_int, check_rng
+from .._checks import check_choice, check_float_dtype, check_int, check_rng
 from .._xp import array_namespace, getval
 
 __all__ = ["PROBES", "draw_probes", "exact_trace", "hutchinson_trace", "hutchinson_variance",
@@ -22,16 +22,6 @@ __all__ = ["PROBES", "draw_probes", "exact_trace", "hutchinson_trace", "hutchins
 
 #: Probe distributions: both have ``E[v v^T] = I``, so ``E[v^T A v] = tr A``.
 PROBES = ("gaussian", "rademacher")
-
-
-def _check_dtype(dtype, name: str = "dtype") -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"`{name}` must be a NumPy floating dtype; got {dtype!r}") from exc
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"`{name}` must be float32 or float64; got {dt}")
-    return dt
 
 
 def draw_probes(rng: np.random.Generator, shape, probe: str = "gaussian", dtype=np.float64):
@@ -60,7 +50,7 @@ def draw_probes(rng: np.random.Generator, shape, probe: str = "gaussian", dtype=
     """
     check_rng(rng)
     check_choice(probe, "probe", PROBES)
-    dt = _check_dtype(dtype)
+    dt = check_float_dtype(dtype)
     if probe == "gaussian":
         return rng.standard_normal(shape).astype(dt, copy=False)
     return (2 * rng.integers(0, 2, size=shape) - 1).astype(dt)
@@ -110,7 +100,7 @@ def exact_trace(matvec, dim: int, *, dtype=np.float64):
     12.0
     """
     dim = check_int(dim, "dim", minimum=1)
-    dt = _check_dtype(dtype)
+    dt = check_float_dtype(dtype)
     eye = np.eye(dim, dtype=dt)
     AE = _apply(matvec, eye, dim)
     xp = array_namespace(AE)
