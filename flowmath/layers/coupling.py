@@ -277,27 +277,24 @@ class _Coupling(Bijection):
         return nets.mlp_apply(net, xa)
 
     def _forward(self, params, x, rng):
+        return self._couple(params, x, self._transform)
+
+    def _inverse(self, params, y, rng):
+        return self._couple(params, y, self._untransform)
+
+    def _couple(self, params, x, step):
+        """The pass-through part of ``x`` conditions ``step`` (:meth:`_transform` forward,
+        :meth:`_untransform` inverse) on the rest; returns the output and the log-det."""
         params = self._unpacked(params)
         part = self._partition(x.shape[1:])
         if part.kind == "spatial":
             b = part.mask.astype(x.dtype)
-            xa = x * b
-            yb, ld = self._transform(params, self._conditioner(params[0], part, xa), x, 1.0 - b)
-            return yb, ld  # already b*x + (1-b)*(...)
+            # ``step`` gets the whole input with ``nb = 1 - b``: its output is already
+            # b*x + (1-b)*(...)
+            return step(params, self._conditioner(params[0], part, x * b), x, 1.0 - b)
         xa, xb = part.split(x)
-        yb, ld = self._transform(params, self._conditioner(params[0], part, xa), xb, None)
+        yb, ld = step(params, self._conditioner(params[0], part, xa), xb, None)
         return part.merge(xa, yb), ld
-
-    def _inverse(self, params, y, rng):
-        params = self._unpacked(params)
-        part = self._partition(y.shape[1:])
-        if part.kind == "spatial":
-            b = part.mask.astype(y.dtype)
-            ya = y * b
-            return self._untransform(params, self._conditioner(params[0], part, ya), y, 1.0 - b)
-        ya, yb = part.split(y)
-        xb, ld = self._untransform(params, self._conditioner(params[0], part, ya), yb, None)
-        return part.merge(ya, xb), ld
 
 
 @functools.lru_cache(maxsize=64)
