@@ -164,6 +164,31 @@ def _check_out_scale(out_scale):
 
 # -- multilayer perceptron ------------------------------------------------------------------------
 
+def _layer_init(rng, shape, fan_in, n_out, last, out_scale):
+    """One layer ``{"W": shape, "b": (n_out,)}``: He-normal ``N(0, 2/fan_in)`` weights and
+    ``N(0, 0.1^2)`` biases; the output layer (``last``) has ``N(0, 1/fan_in)`` weights, and
+    both its weights and bias are multiplied by ``out_scale``."""
+    std = math.sqrt(1.0 / fan_in) if last else math.sqrt(2.0 / fan_in)
+    W = rng.normal(scale=std, size=shape)
+    bias = rng.normal(scale=0.1, size=(n_out,))
+    if last:
+        W, bias = W * out_scale, bias * out_scale
+    return {"W": W, "b": bias}
+
+
+def _feedforward(params, x, layer):
+    """``h <- relu(layer(h, W_k, b_k))`` over the layers of ``params`` (a list of
+    ``{"W", "b"}`` or its flat leaves), no activation after the last."""
+    leaves = _as_leaves(params)
+    n_layers = len(leaves) // 2
+    h = x
+    for k in range(n_layers):
+        h = layer(h, leaves[2 * k], leaves[2 * k + 1])
+        if k < n_layers - 1:
+            h = relu(h)
+    return h
+
+
 def mlp_init(rng: np.random.Generator, sizes, *, out_scale: float = 1.0):
     """Parameters of an MLP with layer widths ``sizes = [d_in, h_1, ..., d_out]``.
 
@@ -189,16 +214,8 @@ def mlp_init(rng: np.random.Generator, sizes, *, out_scale: float = 1.0):
     if len(sizes) < 2:
         raise ValueError(f"`sizes` must hold at least an input and an output width; got {sizes}")
     out_scale = _check_out_scale(out_scale)
-    params = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        last = k == len(sizes) - 2
-        std = math.sqrt(1.0 / a) if last else math.sqrt(2.0 / a)
-        W = rng.normal(scale=std, size=(a, b))
-        bias = rng.normal(scale=0.1, size=(b,))
-        if last:
-            W, bias = W * out_scale, bias * out_scale
-        params.append({"W": W, "b": bias})
-    return params
+    return [_layer_init(rng, (a, b), a, b, k == len(sizes) - 2, out_scale)
+            for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
 
 
 def mlp_apply(params, x):
@@ -214,17 +231,14 @@ def mlp_apply(params, x):
     -------
     ndarray, shape (n, d_out)
     """
-    leaves = _as_leaves(params)
-    n_layers = len(leaves) // 2
-    h = x
-    for k in range(n_layers):
-        # one GEMM per layer. matmul rather than dot: autograd's dot VJP returns the weight
-        # gradient as a transposed (Fortran-order) view, and adding that into the gradient
-        # accumulator is a strided pass ~20x slower than the contiguous one matmul's VJP gives
-        h = anp.matmul(h, leaves[2 * k]) + leaves[2 * k + 1]
-        if k < n_layers - 1:
-            h = relu(h)
-    return h
+    return _feedforward(params, x, _dense)
+
+
+def _dense(h, W, b):
+    # one GEMM per layer. matmul rather than dot: autograd's dot VJP returns the weight
+    # gradient as a transposed (Fortran-order) view, and adding that into the gradient
+    # accumulator is a strided pass ~20x slower than the contiguous one matmul's VJP gives
+    return anp.matmul(h, W) + b
 
 
 # -- convolutional network ------------------------------------------------------------------------
@@ -290,26 +304,13 @@ def convnet_init(rng: np.random.Generator, c_in: int, hidden, c_out: int, *,
     widths = [c_in, *hidden, c_out]
     params = []
     for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        first, last = k == 0, k == len(widths) - 2
-        ks = 3 if (first or last) else 1
-        fan_in = a * ks * ks
-        std = math.sqrt(1.0 / fan_in) if last else math.sqrt(2.0 / fan_in)
-        W = rng.normal(scale=std, size=(b, a, ks, ks))
-        bias = rng.normal(scale=0.1, size=(b,))
-        if last:
-            W, bias = W * out_scale, bias * out_scale
-        params.append({"W": W, "b": bias})
+        last = k == len(widths) - 2
+        ks = 3 if (k == 0 or last) else 1
+        params.append(_layer_init(rng, (b, a, ks, ks), a * ks * ks, b, last, out_scale))
     return params
 
 
 def convnet_apply(params, x):
     """Apply the conv conditioner to ``x`` of shape ``(n, c_in, h, w)``; returns
     ``(n, c_out, h, w)``. ``params`` from :func:`convnet_init`, or its flat leaves."""
-    leaves = _as_leaves(params)
-    n_layers = len(leaves) // 2
-    h = x
-    for k in range(n_layers):
-        h = conv2d(h, leaves[2 * k], leaves[2 * k + 1])
-        if k < n_layers - 1:
-            h = relu(h)
-    return h
+    return _feedforward(params, x, conv2d)
