@@ -115,24 +115,20 @@ def _series(config):
                     "count": count or table, "model": model, "build": build})
 
     # linear layers ------------------------------------------------------------------------
-    def full_inverse(rng, d):
-        layer = fm.FullLinear()
-        params, y, _ = _linear_setup(layer, rng, d, n)
-        return lambda: layer.inverse(params, y)
+    def linear(make, op, batch):
+        """Builder: ``make(size) -> (layer, d)``; times ``layer.inverse`` on ``batch`` rows, or
+        the log-det ``layer._logdet(W)`` (checked against ``forward``'s)."""
+        def build(rng, size):
+            layer, d = make(size)
+            params, y, ld = _linear_setup(layer, rng, d, batch)
+            if op == "inverse":
+                return lambda: layer.inverse(params, y)
+            _check(layer._logdet(params["W"]), ld, type(layer).__name__)
+            return lambda: layer._logdet(params["W"])
+        return build
 
-    def full_logdet(rng, d):
-        layer = fm.FullLinear()
-        params, _, ld = _linear_setup(layer, rng, d, 1)
-        _check(layer._logdet(params["W"]), ld, "FullLinear")
-        return lambda: layer._logdet(params["W"])
-
-    add("FullLinear", "inverse", "d", dense, "d^3", lambda d: d**3 + n * d**2, full_inverse)
-    add("FullLinear", "log-det", "d", dense, "d^3", lambda d: d**3, full_logdet)
-
-    def diag_inverse(rng, d):
-        layer = fm.DiagonalLinear()
-        params, y, _ = _linear_setup(layer, rng, d, 1)
-        return lambda: layer.inverse(params, y)
+    def sized(layer_cls):
+        return lambda d: (layer_cls(), d)
 
     def vector_logdet(layer_cls, key, **kw):
         def build(rng, d):
@@ -144,54 +140,38 @@ def _series(config):
             return lambda: anp.sum(vecp[key])
         return build
 
-    add("DiagonalLinear", "inverse", "d", vec, "d", lambda d: d, diag_inverse)
+    add("FullLinear", "inverse", "d", dense, "d^3", lambda d: d**3 + n * d**2,
+        linear(sized(fm.FullLinear), "inverse", n))
+    add("FullLinear", "log-det", "d", dense, "d^3", lambda d: d**3,
+        linear(sized(fm.FullLinear), "log-det", 1))
+    add("DiagonalLinear", "inverse", "d", vec, "d", lambda d: d,
+        linear(sized(fm.DiagonalLinear), "inverse", 1))
     add("DiagonalLinear", "log-det", "d", vec, "d", lambda d: d,
         vector_logdet(fm.DiagonalLinear, "log_scale"))
-
-    def tri_inverse(rng, d):
-        layer = fm.TriangularLinear()
-        params, y, _ = _linear_setup(layer, rng, d, n)
-        return lambda: layer.inverse(params, y)
-
-    add("TriangularLinear", "inverse", "d", dense, "d^2", lambda d: n * d**2, tri_inverse)
+    add("TriangularLinear", "inverse", "d", dense, "d^2", lambda d: n * d**2,
+        linear(sized(fm.TriangularLinear), "inverse", n))
     add("TriangularLinear", "log-det", "d", vec, "d", lambda d: d,
         vector_logdet(fm.TriangularLinear, "log_diag"))
 
-    def block_inverse(c_fixed=None, d_fixed=None):
-        def build(rng, size):
-            c = c_fixed if c_fixed is not None else size
-            d = d_fixed if d_fixed is not None else size
-            layer = fm.BlockDiagonalLinear(c)
-            params, y, _ = _linear_setup(layer, rng, d, n)
-            return lambda: layer.inverse(params, y)
-        return build
-
-    def block_logdet(c_fixed=None, d_fixed=None):
-        def build(rng, size):
-            c = c_fixed if c_fixed is not None else size
-            d = d_fixed if d_fixed is not None else size
-            layer = fm.BlockDiagonalLinear(c)
-            params, _, ld = _linear_setup(layer, rng, d, 1)
-            _check(layer._logdet(params["W"]), ld, "BlockDiagonalLinear")
-            return lambda: layer._logdet(params["W"])
-        return build
-
     cb, db = config.block_size, config.block_c_d
+
+    def block_c(c):  # block size swept, d fixed
+        return fm.BlockDiagonalLinear(c), db
+
+    def block_d(d):  # d swept, block size fixed
+        return fm.BlockDiagonalLinear(cb), d
+
     add(f"BlockDiagonalLinear (c={cb})", "inverse", "d", config.block_d_sizes, "c^3 d",
-        lambda d: d * cb**2 + n * d * cb, block_inverse(c_fixed=cb), "c^2 d + n c d")
+        lambda d: d * cb**2 + n * d * cb, linear(block_d, "inverse", n), "c^2 d + n c d")
     add(f"BlockDiagonalLinear (c={cb})", "log-det", "d", config.block_d_sizes, "c^3 d",
-        lambda d: d * cb**2, block_logdet(c_fixed=cb), "c^2 d")
+        lambda d: d * cb**2, linear(block_d, "log-det", 1), "c^2 d")
     add(f"BlockDiagonalLinear (d={db})", "inverse", "c", config.block_c_sizes, "c^3 d",
-        lambda c: db * c**2 + n * db * c, block_inverse(d_fixed=db), "c^2 d + n c d")
+        lambda c: db * c**2 + n * db * c, linear(block_c, "inverse", n), "c^2 d + n c d")
     add(f"BlockDiagonalLinear (d={db})", "log-det", "c", config.block_c_sizes, "c^3 d",
-        lambda c: db * c**2, block_logdet(d_fixed=db), "c^2 d")
+        lambda c: db * c**2, linear(block_c, "log-det", 1), "c^2 d")
 
-    def lu_inverse(rng, d):
-        layer = fm.LULinear()
-        params, y, _ = _linear_setup(layer, rng, d, n)
-        return lambda: layer.inverse(params, y)
-
-    add("LULinear", "inverse", "d", dense, "d^2", lambda d: n * d**2, lu_inverse)
+    add("LULinear", "inverse", "d", dense, "d^2", lambda d: n * d**2,
+        linear(sized(fm.LULinear), "inverse", n))
     add("LULinear", "log-det", "d", vec, "d", lambda d: d, vector_logdet(fm.LULinear, "log_s"))
 
     # 1x1 convolution: c and h*w apart -----------------------------------------------------
