@@ -33,6 +33,7 @@ overhead, not the algorithm.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 
@@ -212,35 +213,31 @@ def _series(config):
         conv1x1_lu_logdet, "c (sum of log|s|)")
 
     # spatial convolutions: swept in h*w at fixed c ------------------------------------------
-    def periodic(op):
+    def spatial(layer_cls, op, logdet_of):
         def build(rng, side):
-            layer = fm.PeriodicConv2d()
+            layer = layer_cls()
             x = rng.normal(size=(1, cs, side, side))
             params = layer.init(rng, x)
             y, ld = layer.forward(params, x)
             if op == "inverse":
                 return lambda: layer.inverse(params, y)
-
-            def logdet():
-                return layer._checked_logdet(layer.fourier_matrices(params, side, side), x.dtype)
-            _check(logdet(), ld, "PeriodicConv2d")
+            logdet = functools.partial(logdet_of, layer, params, x)
+            _check(logdet(), ld, layer_cls.__name__)
             return logdet
         return build
+
+    def periodic_logdet(layer, params, x):
+        side = x.shape[-1]
+        return layer._checked_logdet(layer.fourier_matrices(params, side, side), x.dtype)
+
+    def emerging_logdet(layer, params, x):
+        return layer._logdet(layer._parts(params), x)
+
+    def periodic(op):
+        return spatial(fm.PeriodicConv2d, op, periodic_logdet)
 
     def emerging(op):
-        def build(rng, side):
-            layer = fm.EmergingConv2d()
-            x = rng.normal(size=(1, cs, side, side))
-            params = layer.init(rng, x)
-            y, ld = layer.forward(params, x)
-            if op == "inverse":
-                return lambda: layer.inverse(params, y)
-
-            def logdet():
-                return layer._logdet(layer._parts(params), x)
-            _check(logdet(), ld, "EmergingConv2d")
-            return logdet
-        return build
+        return spatial(fm.EmergingConv2d, op, emerging_logdet)
 
     hw_sizes = [s * s for s in config.periodic_sides]
     add(f"PeriodicConv2d (c={cs})", "inverse", "hw", hw_sizes, "d log d",
