@@ -257,7 +257,7 @@ def plot(results: dict, path) -> None:
         lines.append(f"{label}: z = " + ", ".join(f"{r['z']:+.1f}" for r in ro))
     for r in B["linear"]["roulette"]:
         ax.annotate(f"p={r['p']}", (r["mean_terms"], r["std_mc"]), textcoords="offset points",
-                    xytext=(0, 6), fontsize=6, ha="center")
+                    xytext=(0, 6), fontsize=6, ha="center", va="bottom", rotation=90)
     ax.text(0.98, 0.04, "roulette bias / s.e., p = " + ", ".join(map(str, results["p"])) + "\n"
             + "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom", fontsize=6,
             bbox={"fc": "white", "alpha": 0.8, "lw": 0.3})
