@@ -67,34 +67,31 @@ def _study(A, cfg: Config, rng):
     def matvec(V):
         return V @ A.T
 
-    out = {"budgets": list(cfg.budgets), "trace": float(np.trace(A)), "dim": d}
-    for probe in ("gaussian", "rademacher"):
-        single = est.hutchinson_variance(A, probe)
+    def sweep(estimate):
+        """Variance (with its interval) and mean error of ``estimate(m)`` over the budgets."""
         emp, lo, hi, mean_err = [], [], [], []
         for m in cfg.budgets:
-            x = [est.hutchinson_trace(matvec, d, n_probes=m, probe=probe, rng=rng)
-                 for _ in range(cfg.trials)]
+            x = [estimate(m) for _ in range(cfg.trials)]
             v, a, b = _variance_interval(x)
             emp.append(v)
             lo.append(a)
             hi.append(b)
             mean_err.append(float(np.mean(x) - np.trace(A)))
-        out[probe] = {"analytic": [single / m for m in cfg.budgets], "empirical": emp,
-                      "ci_low": lo, "ci_high": hi, "mean_error": mean_err,
-                      "slope": fit_loglog_slope(cfg.budgets, emp)}
-    emp, lo, hi, mean_err = [], [], [], []
-    for m in cfg.budgets:
-        x = [est.hutchpp_trace(matvec, d, n_matvecs=m, rng=rng, probe="rademacher")
-             for _ in range(cfg.trials)]
-        v, a, b = _variance_interval(x)
-        emp.append(v)
-        lo.append(a)
-        hi.append(b)
-        mean_err.append(float(np.mean(x) - np.trace(A)))
+        return {"empirical": emp, "ci_low": lo, "ci_high": hi, "mean_error": mean_err}
+
+    out = {"budgets": list(cfg.budgets), "trace": float(np.trace(A)), "dim": d}
+    for probe in ("gaussian", "rademacher"):
+        single = est.hutchinson_variance(A, probe)
+        res = sweep(lambda m, probe=probe: est.hutchinson_trace(matvec, d, n_probes=m,
+                                                                 probe=probe, rng=rng))
+        out[probe] = {"analytic": [single / m for m in cfg.budgets], **res,
+                      "slope": fit_loglog_slope(cfg.budgets, res["empirical"])}
+    res = sweep(lambda m: est.hutchpp_trace(matvec, d, n_matvecs=m, rng=rng, probe="rademacher"))
+    emp = res["empirical"]
     # fit the Hutch++ rate where the sketch (rank m // 3) is at most half the dimension: beyond,
     # it approaches the whole space and the variance collapses to round-off
     keep = [i for i, m in enumerate(cfg.budgets) if m // 3 <= d // 2 and emp[i] > 0]
-    out["hutchpp"] = {"empirical": emp, "ci_low": lo, "ci_high": hi, "mean_error": mean_err,
+    out["hutchpp"] = {**res,
                       "slope": fit_loglog_slope([cfg.budgets[i] for i in keep],
                                                 [emp[i] for i in keep]),
                       "slope_budgets": [cfg.budgets[i] for i in keep]}

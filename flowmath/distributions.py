@@ -110,24 +110,22 @@ class Flow:
 
     def sample(self, params, n: int, rng: np.random.Generator, *, dtype=np.float64):
         """Draw ``n`` samples ``x = f^-1(z)``, ``z ~ base``."""
-        check_int(n, "n", minimum=1)
-        check_rng(rng)
-        if self.latent_shape is None:
-            raise ValueError("`Flow.sample` needs the event shape: call `flow.init(rng, x)` first")
-        z = self.base.sample(rng, (n,) + self.latent_shape, dtype)
-        x, _ = self.layer.inverse(params, z, rng if self.layer.stochastic else None)
-        return x
+        return self._draw(params, n, rng, dtype)[1]
 
     def sample_and_log_prob(self, params, n: int, rng: np.random.Generator, *, dtype=np.float64):
         """Samples and their log-density in one pass: ``log p(x) = log pi(z) + log|det df^-1/dz|``
         is ``log pi(z) - logdet_f(x)``, read off the inverse pass."""
+        z, x, logdet_inv = self._draw(params, n, rng, dtype)
+        return x, self.base.log_prob(z) - logdet_inv
+
+    def _draw(self, params, n, rng, dtype):
         check_int(n, "n", minimum=1)
         check_rng(rng)
         if self.latent_shape is None:
             raise ValueError("`Flow.sample` needs the event shape: call `flow.init(rng, x)` first")
         z = self.base.sample(rng, (n,) + self.latent_shape, dtype)
         x, logdet_inv = self.layer.inverse(params, z, rng if self.layer.stochastic else None)
-        return x, self.base.log_prob(z) - logdet_inv
+        return z, x, logdet_inv
 
     def __repr__(self) -> str:
         return f"Flow({self.layer!r}, base={self.base!r})"
