@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "fit_loglog_slope",
     "fit_slope",
+    "load_results",
     "save_results",
     "setup_matplotlib",
     "tex_table",
@@ -66,6 +67,14 @@ def save_results(results: dict, config, path: Path) -> None:
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(_jsonable(payload), indent=1))
+
+
+def load_results(path: Path) -> dict:
+    """The ``results`` saved by :func:`save_results` (JSON: tuples come back as lists)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved results at {path}: run the experiment first")
+    return json.loads(path.read_text())["results"]
 
 
 def setup_matplotlib():
@@ -118,11 +127,13 @@ def tex_table(header, rows, caption: str, label: str, fmt: str = "{:.3g}") -> st
         "\\centering",
         f"\\caption{{{caption}}}",
         f"\\label{{{label}}}",
+        # shrink to the text width when wider (graphicx's \\resizebox, \\width is the table's)
+        "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
         f"\\begin{{tabular}}{{{cols}}}",
         "\\toprule",
         " & ".join(header) + " \\\\",
         "\\midrule",
     ]
     lines += [" & ".join(cell(v) for v in row) + " \\\\" for row in rows]
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table}", ""]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from experiments._common import save_results
+    from experiments._common import load_results, save_results
 
     exps = _experiments()
     names = args.names or exps.available()
@@ -46,11 +46,16 @@ def _cmd_reproduce(args) -> int:
     for name in names:
         module = exps.load(name)
         config = module.Config.quick() if args.quick else module.Config()
-        print(f"[{name}] running ({'quick' if args.quick else 'full'} settings) ...", flush=True)
+        mode = "re-plotting saved results" if args.replot else (
+            f"running ({'quick' if args.quick else 'full'} settings)")
+        print(f"[{name}] {mode} ...", flush=True)
         start = time.perf_counter()
         try:
-            results = module.run(config)
-            save_results(results, config, out / f"{name}.json")
+            if args.replot:
+                results = load_results(out / f"{name}.json")
+            else:
+                results = module.run(config)
+                save_results(results, config, out / f"{name}.json")
             module.plot(results, out / f"{name}.png")
             if hasattr(module, "tex"):
                 tex_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,11 @@ def main(argv=None) -> int:
         "--tex-dir",
         default="paper/generated",
         help="folder for generated LaTeX (default: paper/generated)",
+    )
+    p_rep.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw figures and tables from the results saved in --out (no recomputation)",
     )
     p_rep.add_argument(
         "--raise",

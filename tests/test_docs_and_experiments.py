@@ -68,3 +68,32 @@ def test_readme_tour_runs():
     assert blocks, "README has no python block"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("name", experiments.available())
+def test_committed_results_replot(name, tmp_path):
+    """`flowmath reproduce NAME --replot` redraws the committed figure and table from the saved
+    results, and the table it writes is the committed one (no hand-edited numbers)."""
+    import shutil
+    from pathlib import Path
+
+    from flowmath.cli import main
+
+    root = Path(__file__).parents[1]
+    saved = root / "figures" / f"{name}.json"
+    assert saved.exists(), f"figures/{name}.json is missing: run `flowmath reproduce {name}`"
+    shutil.copy(saved, tmp_path / saved.name)
+    args = ["reproduce", name, "--replot", "--out", str(tmp_path), "--tex-dir", str(tmp_path)]
+    assert main(args + ["--raise"]) == 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    committed = root / "paper" / "generated" / f"{name}.tex"
+    if (tmp_path / f"{name}.tex").exists():
+        assert (tmp_path / f"{name}.tex").read_text() == committed.read_text()
+
+
+def test_paper_shows_every_experiment():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "paper" / "main.tex").read_text()
+    for name in experiments.available():
+        assert f"\\fig{{{name}}}" in text, f"paper/main.tex does not show {name}"
