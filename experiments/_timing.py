@@ -47,6 +47,7 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 # -- threads ----------------------------------------------------------------------------------
 
+
 def thread_env_defaults(threads: int) -> None:
     """Default every variable of :data:`THREAD_VARS` to ``threads`` (an explicit setting wins).
 
@@ -105,8 +106,9 @@ def in_child_process(fn: Callable, arg, threads: int | None):
                 os.environ[k] = v
 
 
-def import_baselines(*names: str, threads: int,
-                     on_missing: Callable[[ImportError], None] | None = None) -> tuple:
+def import_baselines(
+    *names: str, threads: int, on_missing: Callable[[ImportError], None] | None = None
+) -> tuple:
     """Import the optional baseline packages ``names`` (the first must be ``"torch"``) and give
     torch ``threads`` intra-op threads.
 
@@ -129,6 +131,7 @@ def import_baselines(*names: str, threads: int,
 
 # -- allocator --------------------------------------------------------------------------------
 
+
 def warm_allocator(mib: int = 32) -> None:
     """Allocate, touch and free ``mib`` MiB once (``BENCHMARKS.md``): the allocator's state
     moves timings by up to 3x, and this leaves it settled for every contender alike."""
@@ -140,6 +143,7 @@ def warm_allocator(mib: int = 32) -> None:
 
 
 # -- timing -----------------------------------------------------------------------------------
+
 
 def clock(fn: Callable) -> tuple[float, object]:
     """``(seconds, fn())``: the wall-clock time of one call and what it returned."""
@@ -162,9 +166,15 @@ def calibrate(fn: Callable, min_time: float, max_loops: int = 1 << 20) -> int:
         loops *= 2
 
 
-def alternate(fns: Mapping[str, Callable], rounds: int, *, warmup: int = 1,
-              min_time: float | None = None, mirror: bool = False,
-              order: Sequence | None = None) -> dict:
+def alternate(
+    fns: Mapping[str, Callable],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    min_time: float | None = None,
+    mirror: bool = False,
+    order: Sequence | None = None,
+) -> dict:
     """Seconds per call of each function in ``fns``, timed in alternation (A B A B ...).
 
     Every function is first called ``warmup`` times (in turn); then, with ``min_time`` given,
@@ -184,7 +194,7 @@ def alternate(fns: Mapping[str, Callable], rounds: int, *, warmup: int = 1,
     loops = {name: 1 if min_time is None else calibrate(fns[name], min_time) for name in names}
     times = {name: [] for name in names}
     for r in range(rounds):
-        for name in (order[::-1] if mirror and r % 2 else order):
+        for name in order[::-1] if mirror and r % 2 else order:
             fn, k = fns[name], loops[name]
             start = time.perf_counter()
             for _ in range(k):
@@ -201,8 +211,9 @@ def median_ms(seconds: Sequence[float]) -> float:
 def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     """The median of the elementwise ratios ``num[i] / den[i]`` (samples timed side by side)."""
     if len(num) != len(den):
-        raise ValueError(f"`num` and `den` must have the same length; got {len(num)} and "
-                         f"{len(den)}")
+        raise ValueError(
+            f"`num` and `den` must have the same length; got {len(num)} and {len(den)}"
+        )
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
@@ -210,5 +221,7 @@ def summary(times: Mapping[str, Sequence[float]], reference: str) -> dict:
     """``{name: {"median_ms": ..., "ratio_to_<reference>": ...}}`` for the output of
     :func:`alternate`: the median time and the median per-round ratio to ``reference``."""
     ref = times[reference]
-    return {name: {"median_ms": median_ms(ts), "ratio_to_" + reference: median_ratio(ts, ref)}
-            for name, ts in times.items()}
+    return {
+        name: {"median_ms": median_ms(ts), "ratio_to_" + reference: median_ratio(ts, ref)}
+        for name, ts in times.items()
+    }

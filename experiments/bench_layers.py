@@ -107,9 +107,12 @@ def _flowmath_w5(x, rng):
     if bad:
         _note(f"flowmath W5 gradient has non-float32 leaves: {set(bad)}")
     sample_rng = np.random.default_rng(1)
-    return (lambda: value_and_grad(params),
-            lambda: flow.sample(params, BATCH, sample_rng, dtype=np.float32),
-            flow, params)
+    return (
+        lambda: value_and_grad(params),
+        lambda: flow.sample(params, BATCH, sample_rng, dtype=np.float32),
+        flow,
+        params,
+    )
 
 
 def _torch_w5(torch, params, x):
@@ -226,6 +229,7 @@ def _floor_w5(params, rng):
             acts[0].T @ g0
             if k > 0:
                 g0 @ W0.T
+
     return run
 
 
@@ -255,6 +259,7 @@ def bench_w5(rounds: int = 7) -> dict:
 
 
 # -- W7 -------------------------------------------------------------------------------------------
+
 
 def bench_w7(rounds: int = 15) -> dict:
     rng = np.random.default_rng(20261129)
@@ -286,8 +291,10 @@ def bench_w7(rounds: int = 15) -> dict:
 
         def torch_slogdet():
             with torch.no_grad():
-                return (F.conv2d(xt, weight.view(c, c, 1, 1)),
-                        h * w * torch.linalg.slogdet(weight)[1] * torch.ones(n))
+                return (
+                    F.conv2d(xt, weight.view(c, c, 1, 1)),
+                    h * w * torch.linalg.slogdet(weight)[1] * torch.ones(n),
+                )
 
         # the same maps: outputs agree to float32 rounding
         y_fm, ld_fm = lu.forward(p_lu, x)
@@ -308,6 +315,7 @@ def bench_w7(rounds: int = 15) -> dict:
 
 # -- driver ---------------------------------------------------------------------------------------
 
+
 def _print_table(title, rows):
     print(f"\n{title}")
     print(f"  {'implementation':<20s} {'median ms':>10s} {'ratio':>8s}")
@@ -325,19 +333,24 @@ def main(argv=None) -> dict:
     out = {}
     if args.only in (None, "W5"):
         out["W5"] = bench_w5(args.rounds)
-        _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to "
-                     "torch",
-                     out["W5"]["grad"])
+        _print_table(
+            "W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to torch",
+            out["W5"]["grad"],
+        )
         _print_table("W5 RealNVP d=784, sample 256 (float32); ratio to torch", out["W5"]["sample"])
         if "loglik_rel_diff_vs_torch" in out["W5"]:
-            print(f"  log-likelihood flowmath vs torch twin: rel. diff "
-                  f"{out['W5']['loglik_rel_diff_vs_torch']:.2e}")
+            print(
+                f"  log-likelihood flowmath vs torch twin: rel. diff "
+                f"{out['W5']['loglik_rel_diff_vs_torch']:.2e}"
+            )
     if args.only in (None, "W7"):
         out["W7"] = bench_w7(max(args.rounds, 15))
         for key in ("LU", "slogdet", "times"):
             if key in out["W7"]:
-                _print_table(f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key}); ratio "
-                             "to torch", out["W7"][key])
+                _print_table(
+                    f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key}); ratio to torch",
+                    out["W7"][key],
+                )
     out["notes"] = list(NOTES)
     return out
 

@@ -75,8 +75,9 @@ def eight_gaussians(n, rng):
         return fm.data.eight_gaussians(n, rng)
     except AttributeError:  # data module not there: FFJORD's recipe
         r = 1 / math.sqrt(2)
-        centers = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (r, r), (r, -r), (-r, r),
-                                  (-r, -r)])
+        centers = 4.0 * np.array(
+            [(1, 0), (-1, 0), (0, 1), (0, -1), (r, r), (r, -r), (-r, r), (-r, -r)]
+        )
         pts = rng.normal(size=(n, 2)) * 0.5 + centers[rng.integers(0, 8, size=n)]
         return pts / 1.414
 
@@ -155,7 +156,7 @@ def compare(contenders: dict, rounds: int) -> dict:
     times = alternate(contenders, rounds, warmup=0, order=order)
     out = {name: {"ms": median_ms(times[name]), "info": infos[name]} for name in names}
     for i, name in enumerate(baselines):
-        out[name]["ratio"] = median_ratio(times[name], times[ref][i::len(baselines)])
+        out[name]["ratio"] = median_ratio(times[name], times[ref][i :: len(baselines)])
     return out
 
 
@@ -183,8 +184,14 @@ def w1(rounds, torch, tdq):
     f = _np_mlp(p)
 
     def scipy_rk45():
-        sol = solve_ivp(lambda s, y: f(s, y.reshape(1024, 2)).ravel(), (0.0, 1.0), z0.ravel(),
-                        method="RK45", rtol=RTOL, atol=ATOL)
+        sol = solve_ivp(
+            lambda s, y: f(s, y.reshape(1024, 2)).ravel(),
+            (0.0, 1.0),
+            z0.ravel(),
+            method="RK45",
+            rtol=RTOL,
+            atol=ATOL,
+        )
         return f"nfe={sol.nfev}"
 
     contenders = {"flowmath dopri5": fm_solve, "scipy solve_ivp RK45": scipy_rk45}
@@ -201,8 +208,18 @@ def w1(rounds, torch, tdq):
         contenders["torchdiffeq odeint"] = torch_solve
     res = compare(contenders, rounds)
     sol = fm.ode.solve(field, z0, t, p, rtol=RTOL, atol=ATOL)
-    ref = solve_ivp(lambda s, y: f(s, y.reshape(1024, 2)).ravel(), (0.0, 1.0), z0.ravel(),
-                    method="DOP853", rtol=1e-12, atol=1e-12).y[:, -1].reshape(1024, 2)
+    ref = (
+        solve_ivp(
+            lambda s, y: f(s, y.reshape(1024, 2)).ravel(),
+            (0.0, 1.0),
+            z0.ravel(),
+            method="DOP853",
+            rtol=1e-12,
+            atol=1e-12,
+        )
+        .y[:, -1]
+        .reshape(1024, 2)
+    )
     res["flowmath dopri5"]["info"] += f" max|err|={np.max(np.abs(sol.ys[-1] - ref)):.1e}"
     return res
 
@@ -218,21 +235,29 @@ def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
 
         def loss(args):
             z, params = args
-            return anp.sum(fm.odeint(field, z, t, params, rtol=RTOL, atol=ATOL,
-                                     adjoint=adjoint, stats=stats)[-1] ** 2)
+            return anp.sum(
+                fm.odeint(field, z, t, params, rtol=RTOL, atol=ATOL, adjoint=adjoint, stats=stats)[
+                    -1
+                ]
+                ** 2
+            )
 
         grad = autograd.grad(loss)
 
         def run():
             g = grad((z0, p))
             back = stats.get("backward", {})
-            return (f"|g_z0|={np.linalg.norm(g[0]):.6e} nfe={stats['forward']['nfe']}"
-                    f"+{back.get('nfe')} fused={back.get('fused_vjp')}")
+            return (
+                f"|g_z0|={np.linalg.norm(g[0]):.6e} nfe={stats['forward']['nfe']}"
+                f"+{back.get('nfe')} fused={back.get('fused_vjp')}"
+            )
 
         return run
 
-    contenders = {"flowmath backsolve (fused VJP)": make_fm("backsolve"),
-                  "flowmath checkpoint (fused VJP)": make_fm("checkpoint")}
+    contenders = {
+        "flowmath backsolve (fused VJP)": make_fm("backsolve"),
+        "flowmath checkpoint (fused VJP)": make_fm("checkpoint"),
+    }
     if torch is not None:
         mod = _torch_module(torch, p)
         tt = torch.tensor(t)
@@ -296,10 +321,11 @@ def w3(rounds, torch, tdq):
         def torch_step():
             aug.zero_grad()
             logp0 = torch.zeros(xt.shape[0], dtype=torch.float64)
-            z1, dlogp = tdq.odeint_adjoint(aug, (xt, logp0), tt, rtol=CNF_TOL, atol=CNF_TOL,
-                                           method="dopri5")
+            z1, dlogp = tdq.odeint_adjoint(
+                aug, (xt, logp0), tt, rtol=CNF_TOL, atol=CNF_TOL, method="dopri5"
+            )
             z1, dlogp = z1[-1], dlogp[-1]
-            logpz = -0.5 * (z1 ** 2).sum(1) - math.log(2 * math.pi)
+            logpz = -0.5 * (z1**2).sum(1) - math.log(2 * math.pi)
             loss = -(logpz - dlogp).mean()
             loss.backward()
             return f"loss={loss.item():.6f}"
@@ -333,8 +359,14 @@ def w4(rounds, torch, tdq, dims=(2, 8, 32, 128, 512), batch=256):
             def torch_run(aug=aug, z0t=z0t, tt=tt):
                 aug.nfe = 0
                 with torch.no_grad():
-                    tdq.odeint(aug, (z0t, torch.zeros(z0t.shape[0], dtype=torch.float64)), tt,
-                               rtol=CNF_TOL, atol=CNF_TOL, method="dopri5")
+                    tdq.odeint(
+                        aug,
+                        (z0t, torch.zeros(z0t.shape[0], dtype=torch.float64)),
+                        tt,
+                        rtol=CNF_TOL,
+                        atol=CNF_TOL,
+                        method="dopri5",
+                    )
                 return f"nfe={aug.nfe}"
 
             contenders[f"torchdiffeq d={d}"] = torch_run
@@ -367,8 +399,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", nargs="*", default=["W1", "W2", "W3", "W4"])
     ap.add_argument("--quick", action="store_true", help="fewer rounds, W4 up to d = 128")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="threads for torch and for NumPy's BLAS (BENCHMARKS.md: 2)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads for torch and for NumPy's BLAS (BENCHMARKS.md: 2)",
+    )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
@@ -377,8 +413,7 @@ def main(argv=None):
         import json
 
         with open(args.json, "w") as fh:
-            json.dump({"threads": args.threads, "rounds": rounds, "results": results}, fh,
-                      indent=1)
+            json.dump({"threads": args.threads, "rounds": rounds, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

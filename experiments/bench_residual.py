@@ -93,19 +93,30 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     warm_allocator()  # ~32 MiB allocated and freed once (allocator state)
     x = rng.normal(size=(BATCH, D)).astype(np.float32)
-    block = fm.IResBlock(hidden=(HIDDEN,), coeff=COEFF, logdet="series", n_terms=N_TERMS,
-                         n_probes=1, spectral="power", n_power_iterations=1)
+    block = fm.IResBlock(
+        hidden=(HIDDEN,),
+        coeff=COEFF,
+        logdet="series",
+        n_terms=N_TERMS,
+        n_probes=1,
+        spectral="power",
+        n_power_iterations=1,
+    )
     params = block.init(rng, x)
     t_cert, _ = clock(lambda: [certified_spectral_norm(W) for W in params["W"]])
     t_first, (y, _) = clock(lambda: block.forward(params, x, np.random.default_rng(1)))
     L = block.lipschitz_bound(params)
     _, info = block.invert(params, y, tol=TOL)
     print(f"W6: d={D}, hidden={HIDDEN}, batch={BATCH}, float32, c={COEFF}, {N_TERMS} terms")
-    print(f"certified Lip(g) <= {L:.6f}; fixed-point iterations to 1e-6: {info.n_iter} "
-          f"(max Banach bound {info.bound.max():.2e}, residual bound "
-          f"{info.residual_bound.max():.2e})")
-    print(f"cold certificate of both weights (gram, float64): {1e3 * t_cert:.0f} ms; "
-          f"first forward incl. certificate: {1e3 * t_first:.0f} ms")
+    print(
+        f"certified Lip(g) <= {L:.6f}; fixed-point iterations to 1e-6: {info.n_iter} "
+        f"(max Banach bound {info.bound.max():.2e}, residual bound "
+        f"{info.residual_bound.max():.2e})"
+    )
+    print(
+        f"cold certificate of both weights (gram, float64): {1e3 * t_cert:.0f} ms; "
+        f"first forward incl. certificate: {1e3 * t_first:.0f} ms"
+    )
 
     def skip(exc):
         print("torch not installed: baseline skipped (pip install flowmath[bench])")
@@ -119,18 +130,27 @@ def main(argv=None):
         print(f"torch fixed-point iterations with the same stopping rule: {k_torch}")
 
     workloads = {
-        "forward+logdet": (lambda: block.forward(params, x, np.random.default_rng(1)),
-                           None if tb is None else (lambda: tb.forward(xt, probe))),
-        "inverse (fixed point)": (lambda: block.invert(params, y, tol=TOL),
-                                  None if tb is None else (lambda: tb.invert(yt, L, TOL))),
+        "forward+logdet": (
+            lambda: block.forward(params, x, np.random.default_rng(1)),
+            None if tb is None else (lambda: tb.forward(xt, probe)),
+        ),
+        "inverse (fixed point)": (
+            lambda: block.invert(params, y, tol=TOL),
+            None if tb is None else (lambda: tb.invert(yt, L, TOL)),
+        ),
     }
     rows = []
     for name, (fa, fb) in workloads.items():
         fns = {"flowmath": fa} if fb is None else {"flowmath": fa, "torch": fb}
         times = alternate(fns, args.reps)  # one warm-up call each, then A B A B ...
-        rows.append((name, statistics.median(times["flowmath"]),
-                     statistics.median(times["torch"]) if fb is not None else None,
-                     median_ratio(times["flowmath"], times["torch"]) if fb is not None else None))
+        rows.append(
+            (
+                name,
+                statistics.median(times["flowmath"]),
+                statistics.median(times["torch"]) if fb is not None else None,
+                median_ratio(times["flowmath"], times["torch"]) if fb is not None else None,
+            )
+        )
     print(f"\n{'workload':<24s} {'flowmath ms':>12s} {'torch ms':>10s} {'ratio':>7s}")
     for name, a, b, r in rows:
         bs = f"{1e3 * b:10.1f}" if b is not None else f"{'--':>10s}"

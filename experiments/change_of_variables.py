@@ -79,8 +79,13 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(sizes=(1000, 3000, 10_000, 30_000, 100_000), quad_points_1d=200_001,
-                   train_steps=300, noise_reps=200, wide_bins=160)
+        return cls(
+            sizes=(1000, 3000, 10_000, 30_000, 100_000),
+            quad_points_1d=200_001,
+            train_steps=300,
+            noise_reps=200,
+            wide_bins=160,
+        )
 
 
 # -- 1-D ---------------------------------------------------------------------------------------
@@ -169,8 +174,9 @@ def _run_1d(config, rng):
     elu_mass = float(np.trapezoid(np.exp(fm.StandardNormal().log_prob(zz) + ld), elu_grid))
     sizes = np.asarray(config.sizes, float)
     lo_q, hi_q = np.quantile(samples, [0.0005, 0.9995])
-    hist_density, hist_edges = np.histogram(samples, bins=config.bins_1d,
-                                            range=(lo_q - 0.5, hi_q + 0.5), density=True)
+    hist_density, hist_edges = np.histogram(
+        samples, bins=config.bins_1d, range=(lo_q - 0.5, hi_q + 0.5), density=True
+    )
     hist_density *= np.mean((samples >= hist_edges[0]) & (samples <= hist_edges[-1]))
     return {
         "sizes": list(config.sizes),
@@ -196,11 +202,18 @@ def _run_1d(config, rng):
 # -- 2-D ---------------------------------------------------------------------------------------
 def _flow_2d(config):
     h = config.hidden
-    return fm.Flow(fm.Chain([
-        fm.AffineCoupling(hidden=h), fm.LULinear(),
-        fm.AffineCoupling(hidden=h, flip=True), fm.LULinear(),
-        fm.AffineCoupling(hidden=h), fm.DiagonalLinear(),
-    ]))
+    return fm.Flow(
+        fm.Chain(
+            [
+                fm.AffineCoupling(hidden=h),
+                fm.LULinear(),
+                fm.AffineCoupling(hidden=h, flip=True),
+                fm.LULinear(),
+                fm.AffineCoupling(hidden=h),
+                fm.DiagonalLinear(),
+            ]
+        )
+    )
 
 
 def _bin_probabilities(log_density, edges_x, edges_y, order=3):
@@ -231,8 +244,15 @@ def _run_2d(config, rng):
         # isinstance(params, list), which an autograd SequenceBox is not
         return -anp.mean(flow.log_prob([p[i] for i in range(len(p))], batch))
 
-    params, history = fm.train.fit(loss, params, data, rng=rng, steps=config.train_steps,
-                                   batch_size=config.train_batch, lr=config.train_lr)
+    params, history = fm.train.fit(
+        loss,
+        params,
+        data,
+        rng=rng,
+        steps=config.train_steps,
+        batch_size=config.train_batch,
+        lr=config.train_lr,
+    )
     nmax = max(config.sizes)
     samples = flow.sample(params, nmax, rng)
     x0, x1, y0, y1 = config.extent_2d
@@ -243,8 +263,11 @@ def _run_2d(config, rng):
     # mass by quadrature over a wide box (checks normalisation independently of the samples);
     # the conditioners are ReLU MLPs, so p has kinks and the quadrature error is O(h^2), ~1e-6
     wide_edges = np.linspace(-config.wide_box, config.wide_box, config.wide_bins + 1)
-    mass = float(_bin_probabilities(lambda x: flow.log_prob(params, x), wide_edges, wide_edges,
-                                    order=4).sum())
+    mass = float(
+        _bin_probabilities(
+            lambda x: flow.log_prob(params, x), wide_edges, wide_edges, order=4
+        ).sum()
+    )
     p_all = np.append(probs.ravel(), max(1.0 - inside, 0.0))
 
     def wrong_log_density(x):
@@ -291,8 +314,11 @@ def run(config: Config) -> dict:
     one_d = _run_1d(config, rng)
     middle = time.perf_counter()
     two_d = _run_2d(config, rng)
-    return {"one_d": one_d, "two_d": two_d,
-            "seconds": [middle - start, time.perf_counter() - middle]}
+    return {
+        "one_d": one_d,
+        "two_d": two_d,
+        "seconds": [middle - start, time.perf_counter() - middle],
+    }
 
 
 # -- figure and table --------------------------------------------------------------------------
@@ -303,11 +329,22 @@ def plot(results: dict, path) -> None:
 
     ax = axes[0, 0]
     edges = np.asarray(r1["hist_edges"])
-    ax.stairs(r1["hist_density"], edges, fill=True, color="C0", alpha=0.45,
-              label=f"histogram of {r1['hist_n']} samples $x = f^{{-1}}(z)$")
+    ax.stairs(
+        r1["hist_density"],
+        edges,
+        fill=True,
+        color="C0",
+        alpha=0.45,
+        label=f"histogram of {r1['hist_n']} samples $x = f^{{-1}}(z)$",
+    )
     ax.plot(r1["grid"], r1["density"], "k-", lw=1.2, label=r"exact $\pi(f(x))\,|f'(x)|$")
-    ax.plot(r1["grid"], r1["density_without_logdet"], "C3--", lw=1,
-            label=r"control: $\pi(f(x))$ renormalised")
+    ax.plot(
+        r1["grid"],
+        r1["density_without_logdet"],
+        "C3--",
+        lw=1,
+        label=r"control: $\pi(f(x))$ renormalised",
+    )
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("x")
     ax.set_ylabel("density")
@@ -316,8 +353,7 @@ def plot(results: dict, path) -> None:
 
     ax = axes[0, 1]
     n = np.asarray(r1["sizes"], float)
-    ax.loglog(n, r1["ks"], "o-", color="C0",
-              label=f"KS vs exact CDF (slope {r1['ks_slope']:.2f})")
+    ax.loglog(n, r1["ks"], "o-", color="C0", label=f"KS vs exact CDF (slope {r1['ks_slope']:.2f})")
     ax.loglog(n, r1["ks_expected"], "k--", label=r"noise: mean $0.869/\sqrt{n}$")
     ax.fill_between(n, 0, r1["ks_q99"], color="k", alpha=0.1, label="noise: 99 % quantile")
     ax.loglog(n, r1["ks_without_logdet"], "s-", color="C3", label="control without log-det")
@@ -351,8 +387,10 @@ def plot(results: dict, path) -> None:
     ax.set_title(f"2-D total variation; mass of p = 1 {r2['mass'] - 1:+.1e}")
     ax.legend(loc="lower left")
 
-    fig.suptitle(r"Change of variables: samples $f^{-1}(z)$ against "
-                 r"$p(x) = \pi(f(x))\,|\det J_f(x)|$")
+    fig.suptitle(
+        r"Change of variables: samples $f^{-1}(z)$ against "
+        r"$p(x) = \pi(f(x))\,|\det J_f(x)|$"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -368,13 +406,19 @@ def tex(results: dict) -> str:
     r1, r2 = results["one_d"], results["two_d"]
     rows = []
     for i, n in enumerate(r1["sizes"]):
-        rows.append([
-            str(n),
-            f"{r1['ks'][i]:.2e}", f"{r1['ks_expected'][i]:.2e}", f"{r1['ks_pvalue'][i]:.2f}",
-            f"{r1['ks_without_logdet'][i]:.2e}",
-            f"{r2['tv'][i]:.2e}", f"{r2['tv_noise_mean'][i]:.2e}", f"{r2['tv_pvalue'][i]:.2f}",
-            f"{r2['tv_without_logdet'][i]:.2e}",
-        ])
+        rows.append(
+            [
+                str(n),
+                f"{r1['ks'][i]:.2e}",
+                f"{r1['ks_expected'][i]:.2e}",
+                f"{r1['ks_pvalue'][i]:.2f}",
+                f"{r1['ks_without_logdet'][i]:.2e}",
+                f"{r2['tv'][i]:.2e}",
+                f"{r2['tv_noise_mean'][i]:.2e}",
+                f"{r2['tv_pvalue'][i]:.2f}",
+                f"{r2['tv_without_logdet'][i]:.2e}",
+            ]
+        )
     caption = (
         "Samples pushed through a flow against the exact density $\\pi(f(x))|\\det J_f|$. "
         "1-D: Kolmogorov-Smirnov distance, its mean under sampling noise $0.869/\\sqrt n$ and "
@@ -387,5 +431,8 @@ def tex(results: dict) -> str:
     )
     return tex_table(
         ["n", "KS", "noise", "p", "KS w/o", "TV", "noise", "p", "TV w/o"],
-        rows, caption=caption, label="tab:change-of-variables", fmt="{}",
+        rows,
+        caption=caption,
+        label="tab:change-of-variables",
+        fmt="{}",
     )

@@ -48,12 +48,12 @@ __all__ = ["Config", "plot", "run", "tex"]
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    dim: int = 8                   # vector event size
-    image: tuple = (2, 4, 4)       # image event shape (checkerboard case)
-    hidden: tuple = (32, 32)       # conditioner widths
-    chain_layers: int = 4          # couplings in the chain (alternating masks)
-    n_layers: int = 20             # independent layer draws per case
-    n_points: int = 10             # points per layer draw
+    dim: int = 8  # vector event size
+    image: tuple = (2, 4, 4)  # image event shape (checkerboard case)
+    hidden: tuple = (32, 32)  # conditioner widths
+    chain_layers: int = 4  # couplings in the chain (alternating masks)
+    n_layers: int = 20  # independent layer draws per case
+    n_points: int = 10  # points per layer draw
     seed: int = 20261129
 
     @classmethod
@@ -90,8 +90,14 @@ def _fhat_jacobian(layer, params, x, order, n_a):
 
 def _case(layer, shape, cfg, rng):
     """Structure and determinant errors of one coupling layer over random draws."""
-    rows = {"J_AA_minus_I": 0.0, "J_AB": 0.0, "fhat_offdiag": 0.0,
-            "det_f_vs_fhat": 0.0, "det_f_vs_claimed": 0.0, "det_fhat_vs_claimed": 0.0}
+    rows = {
+        "J_AA_minus_I": 0.0,
+        "J_AB": 0.0,
+        "fhat_offdiag": 0.0,
+        "det_f_vs_fhat": 0.0,
+        "det_f_vs_claimed": 0.0,
+        "det_fhat_vs_claimed": 0.0,
+    }
     example = None
     for _ in range(cfg.n_layers):
         x = rng.normal(size=(cfg.n_points,) + shape)
@@ -104,24 +110,28 @@ def _case(layer, shape, cfg, rng):
         _, ld_fhat = np.linalg.slogdet(Jh)
         _, claimed = layer.forward(params, x)
         eye = np.eye(n_a)
-        rows["J_AA_minus_I"] = max(rows["J_AA_minus_I"],
-                                   float(np.abs(Jp[:, :n_a, :n_a] - eye).max()))
+        rows["J_AA_minus_I"] = max(
+            rows["J_AA_minus_I"], float(np.abs(Jp[:, :n_a, :n_a] - eye).max())
+        )
         rows["J_AB"] = max(rows["J_AB"], float(np.abs(Jp[:, :n_a, n_a:]).max()))
         off = Jh - np.einsum("nii->ni", Jh)[:, :, None] * np.eye(Jh.shape[1])
         rows["fhat_offdiag"] = max(rows["fhat_offdiag"], float(np.abs(off).max()))
         rows["det_f_vs_fhat"] = max(rows["det_f_vs_fhat"], float(np.abs(ld_f - ld_fhat).max()))
-        rows["det_f_vs_claimed"] = max(rows["det_f_vs_claimed"],
-                                       float(np.abs(ld_f - claimed).max()))
-        rows["det_fhat_vs_claimed"] = max(rows["det_fhat_vs_claimed"],
-                                          float(np.abs(ld_fhat - claimed).max()))
+        rows["det_f_vs_claimed"] = max(
+            rows["det_f_vs_claimed"], float(np.abs(ld_f - claimed).max())
+        )
+        rows["det_fhat_vs_claimed"] = max(
+            rows["det_fhat_vs_claimed"], float(np.abs(ld_fhat - claimed).max())
+        )
         if example is None:
             example = {"J": J[0], "J_ordered": Jp[0], "n_a": n_a, "logdet": float(claimed[0])}
     return rows, example
 
 
 def _chain_case(cfg, rng):
-    layers = [fm.AffineCoupling("half", cfg.hidden, flip=bool(k % 2))
-              for k in range(cfg.chain_layers)]
+    layers = [
+        fm.AffineCoupling("half", cfg.hidden, flip=bool(k % 2)) for k in range(cfg.chain_layers)
+    ]
     chain = fm.Chain(layers)
     err = 0.0
     example = None
@@ -144,14 +154,19 @@ def run(config: Config) -> dict:
     specs = {
         "affine_vector": (fm.AffineCoupling("half", config.hidden), (config.dim,)),
         "additive_vector": (fm.AdditiveCoupling("half", config.hidden), (config.dim,)),
-        "affine_checkerboard": (fm.AffineCoupling("checkerboard", config.hidden),
-                                tuple(config.image)),
+        "affine_checkerboard": (
+            fm.AffineCoupling("checkerboard", config.hidden),
+            tuple(config.image),
+        ),
     }
     for name, (layer, shape) in specs.items():
         cases[name], examples[name] = _case(layer, shape, config, rng)
     cases["affine_chain"], examples["affine_chain"] = _chain_case(config, rng)
-    return {"cases": cases, "examples": examples,
-            "n_evaluations": config.n_layers * config.n_points}
+    return {
+        "cases": cases,
+        "examples": examples,
+        "n_evaluations": config.n_layers * config.n_points,
+    }
 
 
 def plot(results: dict, path) -> None:
@@ -193,16 +208,32 @@ def tex(results: dict) -> str:
     rows = []
     for name in ("affine_vector", "additive_vector", "affine_checkerboard"):
         r = c[name]
-        rows.append([name.replace("_", " "), r["J_AA_minus_I"], r["J_AB"], r["fhat_offdiag"],
-                     r["det_f_vs_fhat"], r["det_f_vs_claimed"]])
+        rows.append(
+            [
+                name.replace("_", " "),
+                r["J_AA_minus_I"],
+                r["J_AB"],
+                r["fhat_offdiag"],
+                r["det_f_vs_fhat"],
+                r["det_f_vs_claimed"],
+            ]
+        )
     rows.append(["affine chain", "--", "--", "--", "--", c["affine_chain"]["det_chain_vs_sum"]])
     return tex_table(
-        ["layer", "$\\max|J_{AA}-I|$", "$\\max|J_{AB}|$", "offdiag $J_{\\hat f}$",
-         "$|\\log|\\det J_f| - \\log|\\det J_{\\hat f}||$", "vs claimed log-det"],
+        [
+            "layer",
+            "$\\max|J_{AA}-I|$",
+            "$\\max|J_{AB}|$",
+            "offdiag $J_{\\hat f}$",
+            "$|\\log|\\det J_f| - \\log|\\det J_{\\hat f}||$",
+            "vs claimed log-det",
+        ],
         rows,
-        caption=(f"Coupling Jacobians by autograd, maxima over {results['n_evaluations']} points "
-                 "per layer type (float64). The claimed log-det is $\\sum_i s_i(x_A)$ "
-                 "(0 for additive); for the chain, the sum of the layers' log-dets."),
+        caption=(
+            f"Coupling Jacobians by autograd, maxima over {results['n_evaluations']} points "
+            "per layer type (float64). The claimed log-det is $\\sum_i s_i(x_A)$ "
+            "(0 for additive); for the chain, the sum of the layers' log-dets."
+        ),
         label="tab:coupling_jacobian",
         fmt="{:.1e}",
     )

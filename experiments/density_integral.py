@@ -59,8 +59,11 @@ class Config:
 def mixture_log_density(x):
     """Log-density of the three-component mixture at the points ``x`` (any shape)."""
     x = np.asarray(x, dtype=np.float64)[..., None]
-    comps = (np.log(np.array(WEIGHTS)) - 0.5 * (x - np.array(MEANS)) ** 2 / VARIANCE
-             - 0.5 * math.log(2 * math.pi * VARIANCE))
+    comps = (
+        np.log(np.array(WEIGHTS))
+        - 0.5 * (x - np.array(MEANS)) ** 2 / VARIANCE
+        - 0.5 * math.log(2 * math.pi * VARIANCE)
+    )
     top = comps.max(axis=-1, keepdims=True)
     return (top + np.log(np.exp(comps - top).sum(axis=-1, keepdims=True)))[..., 0]
 
@@ -83,8 +86,9 @@ def _mass(config, params, tol, grid):
     x = np.linspace(lo, hi, int(m))[:, None]
     layer = _flow(config, tol).layer
     y0 = np.concatenate([x, np.zeros_like(x)], axis=1)
-    sol = fm.ode.solve(layer.dynamics(len(x), 1), y0, np.array([0.0, config.t1]), params,
-                       **layer.solver_options())
+    sol = fm.ode.solve(
+        layer.dynamics(len(x), 1), y0, np.array([0.0, config.t1]), params, **layer.solver_options()
+    )
     z, logdet = sol.ys[-1][:, :1], sol.ys[-1][:, 1]
     logp = fm.StandardNormal().log_prob(z) + logdet
     return float(np.trapezoid(np.exp(logp), x[:, 0])), logp, int(sol.nfe)
@@ -99,8 +103,9 @@ def run(config: Config) -> dict:
     def loss(p, batch, _rng):
         return -anp.mean(flow.log_prob(p, batch))
 
-    params, history = fm.train.fit(loss, params, data, rng=rng, steps=config.steps,
-                                   batch_size=config.batch, lr=config.lr)
+    params, history = fm.train.fit(
+        loss, params, data, rng=rng, steps=config.steps, batch_size=config.batch, lr=config.lr
+    )
     test = sample_mixture(4000, rng)
     out = {
         "history": history[:: max(1, config.steps // 200)].tolist(),
@@ -126,8 +131,7 @@ def run(config: Config) -> dict:
     errs = np.array(out["mass_error"])
     tols = np.array(config.tolerances)
     above = errs > 10 * max(out["quadrature_error"], out["reference_mass_error"], 1e-15)
-    out["slope"] = (fit_loglog_slope(tols[above], errs[above]) if above.sum() >= 2
-                    else float("nan"))
+    out["slope"] = fit_loglog_slope(tols[above], errs[above]) if above.sum() >= 2 else float("nan")
     return out
 
 
@@ -136,12 +140,18 @@ def plot(results: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4))
     ax = axes[0]
     tols = results["tolerances"]
-    ax.loglog(tols, results["mass_error"], "o-", color="C0",
-              label=f"|1 - integral p|  (fitted slope {results['slope']:.2f})")
+    ax.loglog(
+        tols,
+        results["mass_error"],
+        "o-",
+        color="C0",
+        label=f"|1 - integral p|  (fitted slope {results['slope']:.2f})",
+    )
     ax.loglog(tols, tols, ":", color="gray", label="= tolerance")
     floor = max(results["quadrature_error"], results["reference_mass_error"])
-    ax.axhline(floor, color="C3", ls="--", lw=1,
-               label=f"floor: quadrature / tol 1e-11 ({floor:.0e})")
+    ax.axhline(
+        floor, color="C3", ls="--", lw=1, label=f"floor: quadrature / tol 1e-11 ({floor:.0e})"
+    )
     for t, e, n in zip(tols, results["mass_error"], results["nfe"], strict=True):
         ax.annotate(f"{n}", (t, e), textcoords="offset points", xytext=(3, 4), fontsize=7)
     ax.invert_xaxis()
@@ -150,10 +160,20 @@ def plot(results: dict, path) -> None:
     ax.set_title("normalisation error shrinks with the tolerance (labels: NFE)")
     ax.legend(loc="lower left")
     ax = axes[1]
-    ax.plot(results["grid_x"], results["true_density"], color="k", lw=1.2,
-            label=f"mixture (NLL {results['true_test_nll']:.3f})")
-    ax.plot(results["grid_x"], results["model_density"], color="C1", ls="--",
-            label=f"fitted CNF (test NLL {results['test_nll']:.3f})")
+    ax.plot(
+        results["grid_x"],
+        results["true_density"],
+        color="k",
+        lw=1.2,
+        label=f"mixture (NLL {results['true_test_nll']:.3f})",
+    )
+    ax.plot(
+        results["grid_x"],
+        results["model_density"],
+        color="C1",
+        ls="--",
+        label=f"fitted CNF (test NLL {results['test_nll']:.3f})",
+    )
     ax.set_xlabel("x")
     ax.set_ylabel("density")
     ax.set_title("the fitted 1-D CNF")
@@ -163,13 +183,17 @@ def plot(results: dict, path) -> None:
 
 
 def tex(results: dict) -> str:
-    rows = [[f"{t:.0e}", str(n), e] for t, n, e in
-            zip(results["tolerances"], results["nfe"], results["mass_error"], strict=True)]
+    rows = [
+        [f"{t:.0e}", str(n), e]
+        for t, n, e in zip(
+            results["tolerances"], results["nfe"], results["mass_error"], strict=True
+        )
+    ]
     return tex_table(
         ["tolerance", "NFE", r"$|1 - \int p|$"],
         rows,
         caption="Normalisation of a 1-D CNF density fitted to a three-Gaussian mixture against "
-                f"the solver tolerance (quadrature floor {results['quadrature_error']:.1e}).",
+        f"the solver tolerance (quadrature floor {results['quadrature_error']:.1e}).",
         label="tab:density-integral",
         fmt="{:.2e}",
     )

@@ -112,20 +112,34 @@ def run(config: Config) -> dict:
 def plot(results, path):
     plt = setup_matplotlib()
     per_c = results["per_c"]
-    fig, axes = plt.subplots(1, len(per_c), figsize=(3.2 * len(per_c), 3.2), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(per_c), figsize=(3.2 * len(per_c), 3.2), squeeze=False, sharey=True
+    )
     t = results["target"]
     for ax, (c, res) in zip(axes[0], per_c.items(), strict=True):
         for name, col in (("worst", "C0"), ("mlp", "C1")):
             r = res[name]
             k = np.arange(len(r["error"]))
             label = "worst case (g = cQx)" if name == "worst" else "MLP block"
-            ax.semilogy(k, np.maximum(r["error"], 1e-17), color=col, lw=1.6,
-                        label=f"{label}: error")
-            ax.semilogy(k[1:], r["a_priori"][1:], color=col, ls="--", lw=1,
-                        label="a priori $L^k\\|x^1-x^0\\|/(1-L)$")
-            ax.semilogy(k[1:], r["a_posteriori"][1:], color=col, ls=":", lw=1,
-                        label="a posteriori $L\\|x^k-x^{k-1}\\|/(1-L)$")
+            ax.semilogy(
+                k, np.maximum(r["error"], 1e-17), color=col, lw=1.6, label=f"{label}: error"
+            )
+            ax.semilogy(
+                k[1:],
+                r["a_priori"][1:],
+                color=col,
+                ls="--",
+                lw=1,
+                label="a priori $L^k\\|x^1-x^0\\|/(1-L)$",
+            )
+            ax.semilogy(
+                k[1:],
+                r["a_posteriori"][1:],
+                color=col,
+                ls=":",
+                lw=1,
+                label="a posteriori $L\\|x^k-x^{k-1}\\|/(1-L)$",
+            )
         ax.axhline(t, color="gray", lw=0.8)
         ref = res["iterations"]["reference"]
         if ref is not None:
@@ -135,8 +149,9 @@ def plot(results, path):
         ax.set_ylim(1e-17, 1e3)
     axes[0][0].set_ylabel("||x^k - x*|| / ||x^0 - x*||")
     axes[0][0].legend(loc="lower left", fontsize=6)
-    fig.suptitle("Fixed-point inverse: error (solid) never exceeds the Banach bounds (dashed, "
-                 "dotted)")
+    fig.suptitle(
+        "Fixed-point inverse: error (solid) never exceeds the Banach bounds (dashed, dotted)"
+    )
     fig.savefig(path)
     plt.close(fig)
 
@@ -145,17 +160,27 @@ def tex(results) -> str:
     rows = []
     for c, res in results["per_c"].items():
         it = res["iterations"]
-        rows.append([c, it["reference"], it["worst_true"], it["worst_a_posteriori"],
-                     it["worst_a_priori"], it["theory_a_priori"], it["mlp_true"],
-                     it["mlp_bound"]])
+        rows.append(
+            [
+                c,
+                it["reference"],
+                it["worst_true"],
+                it["worst_a_posteriori"],
+                it["worst_a_priori"],
+                it["theory_a_priori"],
+                it["mlp_true"],
+                it["mlp_bound"],
+            ]
+        )
     return tex_table(
-        ["c", "ref.", "true", "a post.", "a priori", "theory a priori", "MLP true",
-         "MLP bound"],
+        ["c", "ref.", "true", "a post.", "a priori", "theory a priori", "MLP true", "MLP bound"],
         rows,
-        caption=("Fixed-point iterations to reach $10^{-6}$ (relative to $\\|x^0 - x^*\\|$). "
-                 "Worst case $g(x) = cQx$: true error, a posteriori and a priori Banach bounds; "
-                 "the reference numbers are $\\lceil \\log 10^{-6} / \\log c\\rceil$, the true "
-                 "error. MLP block: true error and the stopping bound."),
+        caption=(
+            "Fixed-point iterations to reach $10^{-6}$ (relative to $\\|x^0 - x^*\\|$). "
+            "Worst case $g(x) = cQx$: true error, a posteriori and a priori Banach bounds; "
+            "the reference numbers are $\\lceil \\log 10^{-6} / \\log c\\rceil$, the true "
+            "error. MLP block: true error and the stopping bound."
+        ),
         label="tab:fixed-point",
         fmt="{:.0f}",
     )

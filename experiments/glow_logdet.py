@@ -62,8 +62,12 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(channels=(2, 4, 8, 16, 32, 64), timing_channels=(16, 32, 64, 128, 256),
-                   repeats=7, w7_repeats=11)
+        return cls(
+            channels=(2, 4, 8, 16, 32, 64),
+            timing_channels=(16, 32, 64, 128, 256),
+            repeats=7,
+            w7_repeats=11,
+        )
 
 
 def _dense_logdet(layer, params, c, h, w):
@@ -88,8 +92,10 @@ def _w7(config, threads=2):
     lu_layer, full_layer = fm.InvConv1x1(lu=True), fm.InvConv1x1(lu=False)
     params = lu_layer.init(rng, x)
     full_params = {"weight": np.asarray(lu_layer.weight(params), dtype=np.float32)}
-    fns = {"flowmath LU": lambda: lu_layer.forward(params, x),
-           "flowmath plain": lambda: full_layer.forward(full_params, x)}
+    fns = {
+        "flowmath LU": lambda: lu_layer.forward(params, x),
+        "flowmath plain": lambda: full_layer.forward(full_params, x),
+    }
     (torch,) = import_baselines("torch", threads=threads)
     out = {"shape": [n, c, h, w], "torch": torch is not None, "threads": threads}
     if torch is not None:
@@ -102,8 +108,10 @@ def _w7(config, threads=2):
 
         def torch_lu():  # Glow's LU forward: rebuild W, 1x1 conv, h*w*sum(log|s|)
             with torch.no_grad():
-                weight = ((torch.tril(lower, -1) + eye)
-                          @ (torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_s))))[perm]
+                weight = (
+                    (torch.tril(lower, -1) + eye)
+                    @ (torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_s)))
+                )[perm]
                 y = torch.nn.functional.conv2d(xt, weight[:, :, None, None])
                 return y, h * w * log_s.sum() * torch.ones(n)
 
@@ -137,8 +145,12 @@ def run(config: Config) -> dict:
         full_params = {"weight": weight}
         x = rng.normal(size=(1, c, h, w))
         ref, jac = _dense_logdet(full_layer, full_params, c, h, w)
-        row = {"c": c, "dense_slogdet": ref, "cond_W": float(np.linalg.cond(weight)),
-               "lu_weight_error": float(np.abs(lu_layer.weight(lu_params) - weight).max())}
+        row = {
+            "c": c,
+            "dense_slogdet": ref,
+            "cond_W": float(np.linalg.cond(weight)),
+            "lu_weight_error": float(np.abs(lu_layer.weight(lu_params) - weight).max()),
+        }
         for dtype, tag in ((np.float64, "64"), (np.float32, "32")):
             xd = x.astype(dtype)
             ld_full = full_layer.forward(cast_tree(full_params, dtype), xd)[1][0]
@@ -146,6 +158,7 @@ def run(config: Config) -> dict:
             row[f"err_plain_{tag}"] = _rel(ld_full, ref)
             row[f"err_lu_{tag}"] = _rel(ld_lu, ref)
         if autograd_check is None:
+
             def fwd(v, p=full_params):
                 return full_layer.forward(p, v)[0]
 
@@ -186,12 +199,23 @@ def _timing(config: Config) -> dict:
         ]
         times = alternate(dict(enumerate(fns)), config.repeats, min_time=2e-3)
         med = [statistics.median(v) for v in times.values()]
-        timing.append({"c": c, "logdet_lu": med[0], "logdet_plain": med[1], "forward_lu": med[2],
-                       "forward_plain": med[3], "inverse_lu": med[4], "inverse_plain": med[5]})
+        timing.append(
+            {
+                "c": c,
+                "logdet_lu": med[0],
+                "logdet_plain": med[1],
+                "forward_lu": med[2],
+                "forward_plain": med[3],
+                "inverse_lu": med[4],
+                "inverse_plain": med[5],
+            }
+        )
     cs = [t["c"] for t in timing]
-    upper = cs[len(cs) // 2:]
-    slopes = {key: fit_loglog_slope(upper, [t[key] for t in timing if t["c"] in upper])
-              for key in ("logdet_lu", "logdet_plain", "inverse_lu", "inverse_plain")}
+    upper = cs[len(cs) // 2 :]
+    slopes = {
+        key: fit_loglog_slope(upper, [t[key] for t in timing if t["c"] in upper])
+        for key in ("logdet_lu", "logdet_plain", "inverse_lu", "inverse_plain")
+    }
     out = {"timing": timing, "timing_slopes_upper_half": slopes}
     if config.w7 and config.blas_threads is not None:
         out["w7_same_threads"] = _w7(config, threads=config.blas_threads)
@@ -205,10 +229,12 @@ def plot(results: dict, path) -> None:
     cs = [r["c"] for r in acc]
     ax = axes[0]
     floor = 1e-18
-    for key, label, style in (("err_plain_64", "h w slogdet(W), float64", "o-"),
-                              ("err_lu_64", "h w sum log|s|, float64", "s-"),
-                              ("err_plain_32", "h w slogdet(W), float32", "o--"),
-                              ("err_lu_32", "h w sum log|s|, float32", "s--")):
+    for key, label, style in (
+        ("err_plain_64", "h w slogdet(W), float64", "o-"),
+        ("err_lu_64", "h w sum log|s|, float64", "s-"),
+        ("err_plain_32", "h w slogdet(W), float32", "o--"),
+        ("err_lu_32", "h w sum log|s|, float32", "s--"),
+    ):
         ax.semilogy(cs, [max(r[key], floor) for r in acc], style, label=label)
     ax.axhline(results["eps64"], color="gray", lw=0.8, ls=":")
     ax.axhline(results["eps32"], color="gray", lw=0.8, ls=":")
@@ -223,33 +249,51 @@ def plot(results: dict, path) -> None:
     tc = [t["c"] for t in tim]
     ax = axes[1]
     ax.loglog(tc, [t["logdet_lu"] * 1e6 for t in tim], "s-", label="LU: h w sum log|s|", base=2)
-    ax.loglog(tc, [t["logdet_plain"] * 1e6 for t in tim], "o-", label="plain: h w slogdet(W)",
-              base=2)
+    ax.loglog(
+        tc, [t["logdet_plain"] * 1e6 for t in tim], "o-", label="plain: h w slogdet(W)", base=2
+    )
     ref = np.asarray(tc, float)
-    ax.loglog(tc, tim[-1]["logdet_plain"] * 1e6 * (ref / ref[-1]) ** 3, "k:", lw=0.8,
-              label="slope 3", base=2)
+    ax.loglog(
+        tc,
+        tim[-1]["logdet_plain"] * 1e6 * (ref / ref[-1]) ** 3,
+        "k:",
+        lw=0.8,
+        label="slope 3",
+        base=2,
+    )
     sl = results["timing_slopes_upper_half"]
-    ax.set_title(f"log-det cost; slope over upper half of c:\nLU {sl['logdet_lu']:.2f} "
-                 f"(flat: call overhead), plain {sl['logdet_plain']:.2f}")
+    ax.set_title(
+        f"log-det cost; slope over upper half of c:\nLU {sl['logdet_lu']:.2f} "
+        f"(flat: call overhead), plain {sl['logdet_plain']:.2f}"
+    )
     ax.set_xlabel("channels c")
     ax.set_ylabel("time per call [us]")
     ax.legend()
     ax = axes[2]
-    for key, label, style in (("forward_lu", "forward LU", "s-"),
-                              ("forward_plain", "forward plain", "o-"),
-                              ("inverse_lu", "inverse LU", "s--"),
-                              ("inverse_plain", "inverse plain", "o--")):
+    for key, label, style in (
+        ("forward_lu", "forward LU", "s-"),
+        ("forward_plain", "forward plain", "o-"),
+        ("inverse_lu", "inverse LU", "s--"),
+        ("inverse_plain", "inverse plain", "o--"),
+    ):
         ax.loglog(tc, [t[key] * 1e3 for t in tim], style, label=label, base=2)
     ax.set_title("forward (with log-det) and inverse, LU vs plain")
     lines = []
     for key in ("w7", "w7_same_threads"):
         w7 = results.get(key)
         if w7 and "ratio_lu" in w7:
-            lines.append(f"{w7['threads']} thread(s): LU {w7['ratio_lu']:.2f}x, "
-                         f"plain {w7['ratio_plain']:.2f}x")
+            lines.append(
+                f"{w7['threads']} thread(s): LU {w7['ratio_lu']:.2f}x, "
+                f"plain {w7['ratio_plain']:.2f}x"
+            )
     if lines:
-        fig.text(0.5, -0.02, "W7 (256x48x16x16 float32, forward with log-det), time flowmath / "
-                 "torch, median of alternated ratios: " + "; ".join(lines), ha="center")
+        fig.text(
+            0.5,
+            -0.02,
+            "W7 (256x48x16x16 float32, forward with log-det), time flowmath / "
+            "torch, median of alternated ratios: " + "; ".join(lines),
+            ha="center",
+        )
     ax.set_xlabel("channels c (batch 16, 16x16)")
     ax.set_ylabel("time per call [ms]")
     ax.legend()
@@ -263,22 +307,39 @@ def tex(results: dict) -> str:
     by_c = {t["c"]: t for t in results["timing"]}
     for r in results["accuracy"]:
         t = by_c.get(r["c"])
-        rows.append([str(r["c"]), r["err_plain_64"], r["err_lu_64"], r["err_plain_32"],
-                     r["err_lu_32"],
-                     None if t is None else t["logdet_plain"] * 1e6,
-                     None if t is None else t["logdet_lu"] * 1e6])
+        rows.append(
+            [
+                str(r["c"]),
+                r["err_plain_64"],
+                r["err_lu_64"],
+                r["err_plain_32"],
+                r["err_lu_32"],
+                None if t is None else t["logdet_plain"] * 1e6,
+                None if t is None else t["logdet_lu"] * 1e6,
+            ]
+        )
     for c, t in by_c.items():
         if c not in {r["c"] for r in results["accuracy"]}:
-            rows.append([str(c), None, None, None, None, t["logdet_plain"] * 1e6,
-                         t["logdet_lu"] * 1e6])
-    caption = ("Log-determinant of a 1x1 convolution on a $4\\times 4$ image: relative error of "
-               "$hw\\log|\\det W|$ (plain) and $hw\\sum_i\\log|s_i|$ (LU) against slogdet of the "
-               "dense Jacobian, and the cost of each log-det in microseconds.")
+            rows.append(
+                [str(c), None, None, None, None, t["logdet_plain"] * 1e6, t["logdet_lu"] * 1e6]
+            )
+    caption = (
+        "Log-determinant of a 1x1 convolution on a $4\\times 4$ image: relative error of "
+        "$hw\\log|\\det W|$ (plain) and $hw\\sum_i\\log|s_i|$ (LU) against slogdet of the "
+        "dense Jacobian, and the cost of each log-det in microseconds."
+    )
     for key in ("w7", "w7_same_threads"):
         w7 = results.get(key)
         if w7 and "ratio_lu" in w7:
-            caption += (f" W7 (256x48x16x16, float32, forward with log-det, {w7['threads']} "
-                        f"thread(s)): flowmath/torch {w7['ratio_lu']:.2f} (LU), "
-                        f"{w7['ratio_plain']:.2f} (plain).")
-    return tex_table(["$c$", "plain f64", "LU f64", "plain f32", "LU f32", "plain [us]",
-                      "LU [us]"], rows, caption, "tab:glow-logdet", fmt="{:.2g}")
+            caption += (
+                f" W7 (256x48x16x16, float32, forward with log-det, {w7['threads']} "
+                f"thread(s)): flowmath/torch {w7['ratio_lu']:.2f} (LU), "
+                f"{w7['ratio_plain']:.2f} (plain)."
+            )
+    return tex_table(
+        ["$c$", "plain f64", "LU f64", "plain f32", "LU f32", "plain [us]", "LU [us]"],
+        rows,
+        caption,
+        "tab:glow-logdet",
+        fmt="{:.2g}",
+    )

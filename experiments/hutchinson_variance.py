@@ -82,19 +82,24 @@ def _study(A, cfg: Config, rng):
     out = {"budgets": list(cfg.budgets), "trace": float(np.trace(A)), "dim": d}
     for probe in ("gaussian", "rademacher"):
         single = est.hutchinson_variance(A, probe)
-        res = sweep(lambda m, probe=probe: est.hutchinson_trace(matvec, d, n_probes=m,
-                                                                 probe=probe, rng=rng))
-        out[probe] = {"analytic": [single / m for m in cfg.budgets], **res,
-                      "slope": fit_loglog_slope(cfg.budgets, res["empirical"])}
+        res = sweep(
+            lambda m, probe=probe: est.hutchinson_trace(matvec, d, n_probes=m, probe=probe, rng=rng)
+        )
+        out[probe] = {
+            "analytic": [single / m for m in cfg.budgets],
+            **res,
+            "slope": fit_loglog_slope(cfg.budgets, res["empirical"]),
+        }
     res = sweep(lambda m: est.hutchpp_trace(matvec, d, n_matvecs=m, rng=rng, probe="rademacher"))
     emp = res["empirical"]
     # fit the Hutch++ rate where the sketch (rank m // 3) is at most half the dimension: beyond,
     # it approaches the whole space and the variance collapses to round-off
     keep = [i for i, m in enumerate(cfg.budgets) if m // 3 <= d // 2 and emp[i] > 0]
-    out["hutchpp"] = {**res,
-                      "slope": fit_loglog_slope([cfg.budgets[i] for i in keep],
-                                                [emp[i] for i in keep]),
-                      "slope_budgets": [cfg.budgets[i] for i in keep]}
+    out["hutchpp"] = {
+        **res,
+        "slope": fit_loglog_slope([cfg.budgets[i] for i in keep], [emp[i] for i in keep]),
+        "slope_budgets": [cfg.budgets[i] for i in keep],
+    }
     return out
 
 
@@ -113,8 +118,13 @@ def _reference_check(cfg: Config, rng):
         single = np.einsum("ij,jk,ik->i", V, A, V)
         v, lo, hi = _variance_interval(single)
         analytic = est.hutchinson_variance(A, probe)
-        res[probe] = {"empirical": v, "analytic": analytic, "ci_low": lo, "ci_high": hi,
-                      "z": (v - analytic) / ((hi - lo) / (2 * 1.96))}
+        res[probe] = {
+            "empirical": v,
+            "analytic": analytic,
+            "ci_low": lo,
+            "ci_high": hi,
+            "z": (v - analytic) / ((hi - lo) / (2 * 1.96)),
+        }
     return res
 
 
@@ -129,8 +139,10 @@ def run(config: Config) -> dict:
 def plot(results: dict, path) -> None:
     plt = setup_matplotlib()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"gaussian": ("C0", "o", "Hutchinson, Gaussian"),
-              "rademacher": ("C1", "s", "Hutchinson, Rademacher")}
+    styles = {
+        "gaussian": ("C0", "o", "Hutchinson, Gaussian"),
+        "rademacher": ("C1", "s", "Hutchinson, Rademacher"),
+    }
     titles = {"decaying": "PSD, eigenvalues $i^{-2}$", "gaussian": "dense Gaussian (flat spectrum)"}
     for ax, name in zip(axes, ("decaying", "gaussian"), strict=False):
         r = results[name]
@@ -139,12 +151,21 @@ def plot(results: dict, path) -> None:
             e = np.array(r[probe]["empirical"])
             err = [e - np.array(r[probe]["ci_low"]), np.array(r[probe]["ci_high"]) - e]
             ax.plot(m, r[probe]["analytic"], "-", color=c, lw=1, label=f"{label}: analytic/m")
-            ax.errorbar(m, e, yerr=err, fmt=mk, color=c, ms=4, capsize=2,
-                        label=f"{label}: measured")
+            ax.errorbar(
+                m, e, yerr=err, fmt=mk, color=c, ms=4, capsize=2, label=f"{label}: measured"
+            )
         e = np.array(r["hutchpp"]["empirical"])
         err = [e - np.array(r["hutchpp"]["ci_low"]), np.array(r["hutchpp"]["ci_high"]) - e]
-        ax.errorbar(m, e, yerr=err, fmt="^-", color="C2", ms=4, capsize=2,
-                    label=f"Hutch++ (fitted slope {r['hutchpp']['slope']:.2f})")
+        ax.errorbar(
+            m,
+            e,
+            yerr=err,
+            fmt="^-",
+            color="C2",
+            ms=4,
+            capsize=2,
+            label=f"Hutch++ (fitted slope {r['hutchpp']['slope']:.2f})",
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"matrix-vector products m (d = {r['dim']})")
@@ -163,25 +184,41 @@ def plot(results: dict, path) -> None:
 
 def tex(results: dict) -> str:
     ref = results["reference"]
-    rows = [[p.capitalize(), ref[p]["empirical"], ref[p]["analytic"], ref[p]["z"]]
-            for p in ("gaussian", "rademacher")]
-    t1 = tex_table(["probe", "measured variance", "analytic", "z"], rows,
-                   caption="Single-probe variance of Hutchinson's estimator on a random "
-                           "$6\\times 6$ matrix: measured over $4\\cdot 10^5$ probes against "
-                           "$2\\|A_s\\|_F^2$ (Gaussian) and "
-                           "$2(\\|A_s\\|_F^2-\\sum_i A_{ii}^2)$ (Rademacher).",
-                   label="tab:hutchinson-reference", fmt="{:.4g}")
+    rows = [
+        [p.capitalize(), ref[p]["empirical"], ref[p]["analytic"], ref[p]["z"]]
+        for p in ("gaussian", "rademacher")
+    ]
+    t1 = tex_table(
+        ["probe", "measured variance", "analytic", "z"],
+        rows,
+        caption="Single-probe variance of Hutchinson's estimator on a random "
+        "$6\\times 6$ matrix: measured over $4\\cdot 10^5$ probes against "
+        "$2\\|A_s\\|_F^2$ (Gaussian) and "
+        "$2(\\|A_s\\|_F^2-\\sum_i A_{ii}^2)$ (Rademacher).",
+        label="tab:hutchinson-reference",
+        fmt="{:.4g}",
+    )
     r = results["decaying"]
     rows = []
     for i, m in enumerate(r["budgets"]):
-        rows.append([str(m), r["gaussian"]["empirical"][i], r["gaussian"]["analytic"][i],
-                     r["rademacher"]["empirical"][i], r["rademacher"]["analytic"][i],
-                     r["hutchpp"]["empirical"][i]])
-    t2 = tex_table(["$m$", "Gauss meas.", "Gauss theory", "Rad. meas.", "Rad. theory", "Hutch++"],
-                   rows,
-                   caption="Variance of trace estimates with $m$ matrix-vector products on a "
-                           "PSD matrix with eigenvalues $i^{-2}$; fitted log-log slopes: "
-                           f"Gaussian {r['gaussian']['slope']:.2f}, Rademacher "
-                           f"{r['rademacher']['slope']:.2f}, Hutch++ {r['hutchpp']['slope']:.2f}.",
-                   label="tab:hutchinson-budget", fmt="{:.3g}")
+        rows.append(
+            [
+                str(m),
+                r["gaussian"]["empirical"][i],
+                r["gaussian"]["analytic"][i],
+                r["rademacher"]["empirical"][i],
+                r["rademacher"]["analytic"][i],
+                r["hutchpp"]["empirical"][i],
+            ]
+        )
+    t2 = tex_table(
+        ["$m$", "Gauss meas.", "Gauss theory", "Rad. meas.", "Rad. theory", "Hutch++"],
+        rows,
+        caption="Variance of trace estimates with $m$ matrix-vector products on a "
+        "PSD matrix with eigenvalues $i^{-2}$; fitted log-log slopes: "
+        f"Gaussian {r['gaussian']['slope']:.2f}, Rademacher "
+        f"{r['rademacher']['slope']:.2f}, Hutch++ {r['hutchpp']['slope']:.2f}.",
+        label="tab:hutchinson-budget",
+        fmt="{:.3g}",
+    )
     return t1 + "\n" + t2

@@ -129,16 +129,25 @@ def _roulette(make_vjp, jac, cfg: Config, rng, linear_J=None):
     vjp = make_vjp(idx)
     out = []
     for p in cfg.roulette_p:
-        r = est.roulette_logdet(vjp, n_in * R, d, p=p, n_exact=cfg.n_exact, rng=rng,
-                                per_sample=True)
+        r = est.roulette_logdet(
+            vjp, n_in * R, d, p=p, n_exact=cfg.n_exact, rng=rng, per_sample=True
+        )
         E = r.logdet.reshape(n_in, R)
         var_within = E.var(axis=1, ddof=1).mean()
         se = np.sqrt(var_within / (n_in * R))
         bias = float((truth - E.mean(axis=1)).mean())
-        row = {"p": p, "bias": bias, "z": bias / se, "std_mc": float(np.sqrt(var_within)),
-               "mean_terms": float(r.n_terms.mean()), "expected_terms": 1 / p + cfg.n_exact,
-               "terms_z": float((r.n_terms.mean() - (1 / p + cfg.n_exact))
-                                / np.sqrt((1 - p) / p**2 / r.n_terms.size))}
+        row = {
+            "p": p,
+            "bias": bias,
+            "z": bias / se,
+            "std_mc": float(np.sqrt(var_within)),
+            "mean_terms": float(r.n_terms.mean()),
+            "expected_terms": 1 / p + cfg.n_exact,
+            "terms_z": float(
+                (r.n_terms.mean() - (1 / p + cfg.n_exact))
+                / np.sqrt((1 - p) / p**2 / r.n_terms.size)
+            ),
+        }
         if linear_J is not None:
             try:
                 row["std_exact"] = est.roulette_std(linear_J, p=p, n_exact=cfg.n_exact)
@@ -158,13 +167,17 @@ def _reference_check(cfg: Config):
         m = est.power_series_bias_std(_normalise(G, 0.7), 20)
         rows.append(np.r_[np.abs(m.bias[np.array(ns) - 1]), m.std[-1]])
     rows = np.array(rows)
-    return {"n": ns, "reference_bias": [3.4e-1, 1.8e-2, 4.7e-3, 1.8e-4, 2.3e-7],
-            "reference_std": 0.73,
-            "median": np.median(rows, 0)[:5], "q10": np.quantile(rows, 0.1, 0)[:5],
-            "q90": np.quantile(rows, 0.9, 0)[:5],
-            "std_median": float(np.median(rows[:, 5])),
-            "std_q10": float(np.quantile(rows[:, 5], 0.1)),
-            "std_q90": float(np.quantile(rows[:, 5], 0.9))}
+    return {
+        "n": ns,
+        "reference_bias": [3.4e-1, 1.8e-2, 4.7e-3, 1.8e-4, 2.3e-7],
+        "reference_std": 0.73,
+        "median": np.median(rows, 0)[:5],
+        "q10": np.quantile(rows, 0.1, 0)[:5],
+        "q90": np.quantile(rows, 0.9, 0)[:5],
+        "std_median": float(np.median(rows[:, 5])),
+        "std_q10": float(np.quantile(rows[:, 5], 0.1)),
+        "std_q90": float(np.quantile(rows[:, 5], 0.9)),
+    }
 
 
 def run(config: Config) -> dict:
@@ -173,9 +186,15 @@ def run(config: Config) -> dict:
     d, n_in, K = cfg.dim, cfg.n_inputs, cfg.max_terms
     blocks = _blocks(cfg, rng)
     x = rng.standard_normal((n_in, d))
-    results = {"n_terms": list(range(1, K + 1)), "lipschitz": cfg.lipschitz, "dim": d,
-               "hidden": cfg.hidden, "n_exact": cfg.n_exact, "p": list(cfg.roulette_p),
-               "blocks": {}}
+    results = {
+        "n_terms": list(range(1, K + 1)),
+        "lipschitz": cfg.lipschitz,
+        "dim": d,
+        "hidden": cfg.hidden,
+        "n_exact": cfg.n_exact,
+        "p": list(cfg.roulette_p),
+        "blocks": {},
+    }
     for name, (W1, W2, b1) in blocks.items():
         s = _elu_slope(x @ W1.T + b1)  # (n_in, hidden)
         jac = np.einsum("ah,nh,hb->nab", W2, s, W1)  # J_i = W2 diag(s_i) W1
@@ -192,11 +211,12 @@ def run(config: Config) -> dict:
     W1, W2, _ = blocks["elu_gaussian"]
     J_lin = _normalise(W2 @ W1, cfg.lipschitz)
     jac = np.broadcast_to(J_lin, (n_in, d, d)).copy()
-    res = _measure(lambda idx: (lambda V: V @ J_lin), jac, cfg, rng)
-    res["roulette"] = _roulette(lambda idx: (lambda V: V @ J_lin), jac, cfg, rng, linear_J=J_lin)
+    res = _measure(lambda idx: lambda V: V @ J_lin, jac, cfg, rng)
+    res["roulette"] = _roulette(lambda idx: lambda V: V @ J_lin, jac, cfg, rng, linear_J=J_lin)
     results["blocks"]["linear"] = res
-    results["truncation_bound"] = [est.series_truncation_bound(cfg.lipschitz, d, n)
-                                   for n in range(1, K + 1)]
+    results["truncation_bound"] = [
+        est.series_truncation_bound(cfg.lipschitz, d, n) for n in range(1, K + 1)
+    ]
     results["reference_check"] = _reference_check(cfg)
     return results
 
@@ -215,13 +235,19 @@ def plot(results: dict, path) -> None:
     B = results["blocks"]
 
     ax = axes[0]
-    ax.semilogy(n, results["truncation_bound"], "k--", lw=1,
-                label="bound $d\\sum_{k>n}L^k/k$")
+    ax.semilogy(n, results["truncation_bound"], "k--", lw=1, label="bound $d\\sum_{k>n}L^k/k$")
     for name, (c, mk, label) in _STYLE.items():
         r = B[name]
         ax.semilogy(n, np.abs(r["bias_exact"]), "-", color=c, lw=1.2, label=f"{label}: exact")
-        ax.semilogy(n, np.abs(r["bias_expectation"]), mk, color=c, ms=4, mfc="none",
-                    label=f"{label}: estimator mean")
+        ax.semilogy(
+            n,
+            np.abs(r["bias_expectation"]),
+            mk,
+            color=c,
+            ms=4,
+            mfc="none",
+            label=f"{label}: estimator mean",
+        )
         ax.semilogy(n, 2 * np.asarray(r["bias_se"]), ":", color=c, lw=1)
     ax.semilogy([], [], "k:", lw=1, label="2 s.e. of the Monte Carlo bias")
     ax.set_ylim(1e-17, 1e2)
@@ -246,26 +272,56 @@ def plot(results: dict, path) -> None:
     for name, (c, mk, label) in _STYLE.items():
         ro = B[name]["roulette"]
         cost = [r["mean_terms"] for r in ro]
-        ax.plot(cost, [r["std_mc"] for r in ro], mk, color=c, ms=5, mfc="none",
-                label=f"roulette, {label}: measured")
-        rmse = np.sqrt(np.asarray(B[name]["bias_exact"]) ** 2
-                       + np.asarray(B[name]["std_exact"]) ** 2)
+        ax.plot(
+            cost,
+            [r["std_mc"] for r in ro],
+            mk,
+            color=c,
+            ms=5,
+            mfc="none",
+            label=f"roulette, {label}: measured",
+        )
+        rmse = np.sqrt(
+            np.asarray(B[name]["bias_exact"]) ** 2 + np.asarray(B[name]["std_exact"]) ** 2
+        )
         ax.plot(n, rmse, "--", color=c, lw=1, label=f"series, {label}: exact RMSE")
         if "std_exact" in ro[0]:
-            ax.plot(cost, [r["std_exact"] for r in ro], "-", color=c, lw=1.2,
-                    label=f"roulette, {label}: exact std")
+            ax.plot(
+                cost,
+                [r["std_exact"] for r in ro],
+                "-",
+                color=c,
+                lw=1.2,
+                label=f"roulette, {label}: exact std",
+            )
         lines.append(f"{label}: z = " + ", ".join(f"{r['z']:+.1f}" for r in ro))
     for r in B["linear"]["roulette"]:
-        ax.annotate(f"p={r['p']}", (r["mean_terms"], r["std_mc"]), textcoords="offset points",
-                    xytext=(0, 6), fontsize=6, ha="center", va="bottom", rotation=90)
-    ax.text(0.98, 0.04, "roulette bias / s.e., p = " + ", ".join(map(str, results["p"])) + "\n"
-            + "\n".join(lines), transform=ax.transAxes, ha="right", va="bottom", fontsize=6,
-            bbox={"fc": "white", "alpha": 0.8, "lw": 0.3})
+        ax.annotate(
+            f"p={r['p']}",
+            (r["mean_terms"], r["std_mc"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            fontsize=6,
+            ha="center",
+            va="bottom",
+            rotation=90,
+        )
+    ax.text(
+        0.98,
+        0.04,
+        "roulette bias / s.e., p = " + ", ".join(map(str, results["p"])) + "\n" + "\n".join(lines),
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=6,
+        bbox={"fc": "white", "alpha": 0.8, "lw": 0.3},
+    )
     ax.set_xlabel("expected number of terms (vjp calls per probe)")
     ax.set_ylabel("standard deviation (roulette) / RMSE (series)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"Russian roulette (geometric, n_exact = {results['n_exact']}): "
-                 "unbiased, std vs cost")
+    ax.set_title(
+        f"Russian roulette (geometric, n_exact = {results['n_exact']}): unbiased, std vs cost"
+    )
     ax.legend(fontsize=6, loc="center left")
     fig.tight_layout()
     fig.savefig(path)
@@ -282,33 +338,68 @@ def tex(results: dict) -> str:
             for name in ("linear", "elu_aligned", "elu_gaussian"):
                 row += [B[name]["bias_exact"][i], B[name]["std_exact"][i], B[name]["std_mc"][i]]
             rows.append(row)
-    t1 = tex_table(["$n$", "bound", "lin. bias", "std", "meas.", "aligned bias", "std", "meas.",
-                    "Gauss. bias", "std", "meas."], rows,
-                   caption="Power-series log-det estimator with one Gaussian probe: exact bias "
-                           "($\\log\\det - $ mean, averaged over inputs) and standard deviation "
-                           "(exact and measured) against the number of terms $n$; "
-                           f"$d = {results['dim']}$, $L = {results['lipschitz']}$.",
-                   label="tab:iresnet-bias", fmt="{:.2g}")
+    t1 = tex_table(
+        [
+            "$n$",
+            "bound",
+            "lin. bias",
+            "std",
+            "meas.",
+            "aligned bias",
+            "std",
+            "meas.",
+            "Gauss. bias",
+            "std",
+            "meas.",
+        ],
+        rows,
+        caption="Power-series log-det estimator with one Gaussian probe: exact bias "
+        "($\\log\\det - $ mean, averaged over inputs) and standard deviation "
+        "(exact and measured) against the number of terms $n$; "
+        f"$d = {results['dim']}$, $L = {results['lipschitz']}$.",
+        label="tab:iresnet-bias",
+        fmt="{:.2g}",
+    )
     rows = []
     for name in ("linear", "elu_aligned", "elu_gaussian"):
         for r in B[name]["roulette"]:
             label = _STYLE[name][2].replace("||J|| = L", "$\\|J\\| = L$")
-            rows.append([label, str(r["p"]), r["bias"], r["z"], r.get("std_exact"), r["std_mc"],
-                         r["mean_terms"], r["expected_terms"]])
-    t2 = tex_table(["block", "$p$", "bias", "z", "std exact", "std meas.", "terms",
-                    "$1/p+m$"], rows,
-                   caption="Russian-roulette estimator (geometric $N$, "
-                           f"$m = {results['n_exact']}$ exact terms): bias with its z-score, "
-                           "standard deviation and mean number of terms.",
-                   label="tab:roulette", fmt="{:.3g}")
+            rows.append(
+                [
+                    label,
+                    str(r["p"]),
+                    r["bias"],
+                    r["z"],
+                    r.get("std_exact"),
+                    r["std_mc"],
+                    r["mean_terms"],
+                    r["expected_terms"],
+                ]
+            )
+    t2 = tex_table(
+        ["block", "$p$", "bias", "z", "std exact", "std meas.", "terms", "$1/p+m$"],
+        rows,
+        caption="Russian-roulette estimator (geometric $N$, "
+        f"$m = {results['n_exact']}$ exact terms): bias with its z-score, "
+        "standard deviation and mean number of terms.",
+        label="tab:roulette",
+        fmt="{:.3g}",
+    )
     ref = results["reference_check"]
-    rows = [[str(k), ref["reference_bias"][i], ref["median"][i], ref["q10"][i], ref["q90"][i]]
-            for i, k in enumerate(ref["n"])]
-    rows.append(["std plateau", ref["reference_std"], ref["std_median"], ref["std_q10"],
-                 ref["std_q90"]])
-    t3 = tex_table(["$n$", "REFERENCES", "median", "10\\%", "90\\%"], rows,
-                   caption="Exact $|$bias$|$ of the power series for $d = 6$, "
-                           "$J = 0.7\\,G/\\|G\\|_2$ with Gaussian $G$, over seeds, against "
-                           "the values quoted in REFERENCES.md (seed unknown).",
-                   label="tab:iresnet-reference", fmt="{:.2g}")
+    rows = [
+        [str(k), ref["reference_bias"][i], ref["median"][i], ref["q10"][i], ref["q90"][i]]
+        for i, k in enumerate(ref["n"])
+    ]
+    rows.append(
+        ["std plateau", ref["reference_std"], ref["std_median"], ref["std_q10"], ref["std_q90"]]
+    )
+    t3 = tex_table(
+        ["$n$", "REFERENCES", "median", "10\\%", "90\\%"],
+        rows,
+        caption="Exact $|$bias$|$ of the power series for $d = 6$, "
+        "$J = 0.7\\,G/\\|G\\|_2$ with Gaussian $G$, over seeds, against "
+        "the values quoted in REFERENCES.md (seed unknown).",
+        label="tab:iresnet-reference",
+        fmt="{:.2g}",
+    )
     return t1 + "\n" + t2 + "\n" + t3

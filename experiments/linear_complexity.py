@@ -69,11 +69,18 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(dense_sizes=(256, 512, 1024), vector_sizes=(2**18, 2**19, 2**20, 2**21),
-                   block_d_sizes=(2**13, 2**14, 2**15, 2**16), block_c_sizes=(16, 32, 64, 128),
-                   conv1x1_channels=(96, 192, 384, 768), conv1x1_sides=(64, 128, 256),
-                   periodic_sides=(32, 64, 128), emerging_sides=(64, 128, 256), repeats=5,
-                   min_time=3e-3)
+        return cls(
+            dense_sizes=(256, 512, 1024),
+            vector_sizes=(2**18, 2**19, 2**20, 2**21),
+            block_d_sizes=(2**13, 2**14, 2**15, 2**16),
+            block_c_sizes=(16, 32, 64, 128),
+            conv1x1_channels=(96, 192, 384, 768),
+            conv1x1_sides=(64, 128, 256),
+            periodic_sides=(32, 64, 128),
+            emerging_sides=(64, 128, 256),
+            repeats=5,
+            min_time=3e-3,
+        )
 
 
 def _time_sizes(fns, repeats, min_time):
@@ -81,8 +88,7 @@ def _time_sizes(fns, repeats, min_time):
     visited round-robin within each repeat, so a burst of load on the shared machine hits all
     sizes alike instead of bending the fitted slope."""
     times = alternate(dict(enumerate(fns)), repeats, min_time=min_time)
-    return ([statistics.median(v) for v in times.values()],
-            [min(v) for v in times.values()])
+    return ([statistics.median(v) for v in times.values()], [min(v) for v in times.values()])
 
 
 def _model_slope(model, sizes):
@@ -95,6 +101,7 @@ def _check(value, reference, what):
 
 
 # -- one builder per (layer, operation, swept size): returns the function to time ----------------
+
 
 def _linear_setup(layer, rng, d, n):
     x = rng.normal(size=(n, d))
@@ -112,13 +119,24 @@ def _series(config):
     out = []
 
     def add(layer, op, var, sizes, table, model, build, count=None):
-        out.append({"layer": layer, "op": op, "var": var, "sizes": list(sizes), "table": table,
-                    "count": count or table, "model": model, "build": build})
+        out.append(
+            {
+                "layer": layer,
+                "op": op,
+                "var": var,
+                "sizes": list(sizes),
+                "table": table,
+                "count": count or table,
+                "model": model,
+                "build": build,
+            }
+        )
 
     # linear layers ------------------------------------------------------------------------
     def linear(make, op, batch):
         """Builder: ``make(size) -> (layer, d)``; times ``layer.inverse`` on ``batch`` rows, or
         the log-det ``layer._logdet(W)`` (checked against ``forward``'s)."""
+
         def build(rng, size):
             layer, d = make(size)
             params, y, ld = _linear_setup(layer, rng, d, batch)
@@ -126,6 +144,7 @@ def _series(config):
                 return lambda: layer.inverse(params, y)
             _check(layer._logdet(params["W"]), ld, type(layer).__name__)
             return lambda: layer._logdet(params["W"])
+
         return build
 
     def sized(layer_cls):
@@ -139,20 +158,63 @@ def _series(config):
             _check(anp.sum(small[key]), ld, layer_cls.__name__)
             vecp = {key: 0.1 * rng.normal(size=d)}
             return lambda: anp.sum(vecp[key])
+
         return build
 
-    add("FullLinear", "inverse", "d", dense, "d^3", lambda d: d**3 + n * d**2,
-        linear(sized(fm.FullLinear), "inverse", n))
-    add("FullLinear", "log-det", "d", dense, "d^3", lambda d: d**3,
-        linear(sized(fm.FullLinear), "log-det", 1))
-    add("DiagonalLinear", "inverse", "d", vec, "d", lambda d: d,
-        linear(sized(fm.DiagonalLinear), "inverse", 1))
-    add("DiagonalLinear", "log-det", "d", vec, "d", lambda d: d,
-        vector_logdet(fm.DiagonalLinear, "log_scale"))
-    add("TriangularLinear", "inverse", "d", dense, "d^2", lambda d: n * d**2,
-        linear(sized(fm.TriangularLinear), "inverse", n))
-    add("TriangularLinear", "log-det", "d", vec, "d", lambda d: d,
-        vector_logdet(fm.TriangularLinear, "log_diag"))
+    add(
+        "FullLinear",
+        "inverse",
+        "d",
+        dense,
+        "d^3",
+        lambda d: d**3 + n * d**2,
+        linear(sized(fm.FullLinear), "inverse", n),
+    )
+    add(
+        "FullLinear",
+        "log-det",
+        "d",
+        dense,
+        "d^3",
+        lambda d: d**3,
+        linear(sized(fm.FullLinear), "log-det", 1),
+    )
+    add(
+        "DiagonalLinear",
+        "inverse",
+        "d",
+        vec,
+        "d",
+        lambda d: d,
+        linear(sized(fm.DiagonalLinear), "inverse", 1),
+    )
+    add(
+        "DiagonalLinear",
+        "log-det",
+        "d",
+        vec,
+        "d",
+        lambda d: d,
+        vector_logdet(fm.DiagonalLinear, "log_scale"),
+    )
+    add(
+        "TriangularLinear",
+        "inverse",
+        "d",
+        dense,
+        "d^2",
+        lambda d: n * d**2,
+        linear(sized(fm.TriangularLinear), "inverse", n),
+    )
+    add(
+        "TriangularLinear",
+        "log-det",
+        "d",
+        vec,
+        "d",
+        lambda d: d,
+        vector_logdet(fm.TriangularLinear, "log_diag"),
+    )
 
     cb, db = config.block_size, config.block_c_d
 
@@ -162,17 +224,56 @@ def _series(config):
     def block_d(d):  # d swept, block size fixed
         return fm.BlockDiagonalLinear(cb), d
 
-    add(f"BlockDiagonalLinear (c={cb})", "inverse", "d", config.block_d_sizes, "c^3 d",
-        lambda d: d * cb**2 + n * d * cb, linear(block_d, "inverse", n), "c^2 d + n c d")
-    add(f"BlockDiagonalLinear (c={cb})", "log-det", "d", config.block_d_sizes, "c^3 d",
-        lambda d: d * cb**2, linear(block_d, "log-det", 1), "c^2 d")
-    add(f"BlockDiagonalLinear (d={db})", "inverse", "c", config.block_c_sizes, "c^3 d",
-        lambda c: db * c**2 + n * db * c, linear(block_c, "inverse", n), "c^2 d + n c d")
-    add(f"BlockDiagonalLinear (d={db})", "log-det", "c", config.block_c_sizes, "c^3 d",
-        lambda c: db * c**2, linear(block_c, "log-det", 1), "c^2 d")
+    add(
+        f"BlockDiagonalLinear (c={cb})",
+        "inverse",
+        "d",
+        config.block_d_sizes,
+        "c^3 d",
+        lambda d: d * cb**2 + n * d * cb,
+        linear(block_d, "inverse", n),
+        "c^2 d + n c d",
+    )
+    add(
+        f"BlockDiagonalLinear (c={cb})",
+        "log-det",
+        "d",
+        config.block_d_sizes,
+        "c^3 d",
+        lambda d: d * cb**2,
+        linear(block_d, "log-det", 1),
+        "c^2 d",
+    )
+    add(
+        f"BlockDiagonalLinear (d={db})",
+        "inverse",
+        "c",
+        config.block_c_sizes,
+        "c^3 d",
+        lambda c: db * c**2 + n * db * c,
+        linear(block_c, "inverse", n),
+        "c^2 d + n c d",
+    )
+    add(
+        f"BlockDiagonalLinear (d={db})",
+        "log-det",
+        "c",
+        config.block_c_sizes,
+        "c^3 d",
+        lambda c: db * c**2,
+        linear(block_c, "log-det", 1),
+        "c^2 d",
+    )
 
-    add("LULinear", "inverse", "d", dense, "d^2", lambda d: n * d**2,
-        linear(sized(fm.LULinear), "inverse", n))
+    add(
+        "LULinear",
+        "inverse",
+        "d",
+        dense,
+        "d^2",
+        lambda d: n * d**2,
+        linear(sized(fm.LULinear), "inverse", n),
+    )
     add("LULinear", "log-det", "d", vec, "d", lambda d: d, vector_logdet(fm.LULinear, "log_s"))
 
     # 1x1 convolution: c and h*w apart -----------------------------------------------------
@@ -187,18 +288,49 @@ def _series(config):
                 return lambda: layer.inverse(params, y)
             _check(layer._logdet(params, x), ld, "InvConv1x1")
             return lambda: layer._logdet(params, x)
+
         return build
 
     for lu, tag in ((False, "plain"), (True, "LU")):
-        add(f"InvConv1x1 {tag} (h=w=2)", "inverse", "c", config.conv1x1_channels, "c^3 + c^2 d",
-            lambda c: c**3 + 4 * c**2, conv1x1(lu, "inverse", "c"), "c^3 + c^2 hw")
-        add(f"InvConv1x1 {tag} (c={c1}, n={n})", "inverse", "hw",
-            [s * s for s in config.conv1x1_sides], "c^3 + c^2 d",
-            lambda hw: c1**3 + c1**2 * hw, _on_side(conv1x1(lu, "inverse", "hw")), "c^3 + c^2 hw")
-    add("InvConv1x1 plain (h=w=2)", "log-det", "c", config.conv1x1_channels, "c^3",
-        lambda c: c**3, conv1x1(False, "log-det", "c"))
-    add(f"InvConv1x1 plain (c={c1}, n={n})", "log-det", "hw", [s * s for s in config.conv1x1_sides],
-        "c^3", lambda hw: 1.0, _on_side(conv1x1(False, "log-det", "hw")), "c^3, none in hw")
+        add(
+            f"InvConv1x1 {tag} (h=w=2)",
+            "inverse",
+            "c",
+            config.conv1x1_channels,
+            "c^3 + c^2 d",
+            lambda c: c**3 + 4 * c**2,
+            conv1x1(lu, "inverse", "c"),
+            "c^3 + c^2 hw",
+        )
+        add(
+            f"InvConv1x1 {tag} (c={c1}, n={n})",
+            "inverse",
+            "hw",
+            [s * s for s in config.conv1x1_sides],
+            "c^3 + c^2 d",
+            lambda hw: c1**3 + c1**2 * hw,
+            _on_side(conv1x1(lu, "inverse", "hw")),
+            "c^3 + c^2 hw",
+        )
+    add(
+        "InvConv1x1 plain (h=w=2)",
+        "log-det",
+        "c",
+        config.conv1x1_channels,
+        "c^3",
+        lambda c: c**3,
+        conv1x1(False, "log-det", "c"),
+    )
+    add(
+        f"InvConv1x1 plain (c={c1}, n={n})",
+        "log-det",
+        "hw",
+        [s * s for s in config.conv1x1_sides],
+        "c^3",
+        lambda hw: 1.0,
+        _on_side(conv1x1(False, "log-det", "hw")),
+        "c^3, none in hw",
+    )
 
     def conv1x1_lu_logdet(rng, c):
         layer = fm.InvConv1x1(lu=True)
@@ -209,8 +341,16 @@ def _series(config):
         xc = np.zeros((1, c, 1, 1))
         return lambda: layer._logdet(params, xc)
 
-    add("InvConv1x1 LU (h=w=1)", "log-det", "c", vec, "c^3", lambda c: c,
-        conv1x1_lu_logdet, "c (sum of log|s|)")
+    add(
+        "InvConv1x1 LU (h=w=1)",
+        "log-det",
+        "c",
+        vec,
+        "c^3",
+        lambda c: c,
+        conv1x1_lu_logdet,
+        "c (sum of log|s|)",
+    )
 
     # spatial convolutions: swept in h*w at fixed c ------------------------------------------
     def spatial(layer_cls, op, logdet_of):
@@ -224,6 +364,7 @@ def _series(config):
             logdet = functools.partial(logdet_of, layer, params, x)
             _check(logdet(), ld, layer_cls.__name__)
             return logdet
+
         return build
 
     def periodic_logdet(layer, params, x):
@@ -240,17 +381,47 @@ def _series(config):
         return spatial(fm.EmergingConv2d, op, emerging_logdet)
 
     hw_sizes = [s * s for s in config.periodic_sides]
-    add(f"PeriodicConv2d (c={cs})", "inverse", "hw", hw_sizes, "d log d",
-        lambda hw: hw * np.log(hw) + hw * cs, _on_side(periodic("inverse")),
-        "c hw log hw + c^3 hw")
-    add(f"PeriodicConv2d (c={cs})", "log-det", "hw", hw_sizes, "d",
-        lambda hw: hw * np.log(hw) + hw * cs, _on_side(periodic("log-det")),
-        "c^2 hw log hw + c^3 hw")
+    add(
+        f"PeriodicConv2d (c={cs})",
+        "inverse",
+        "hw",
+        hw_sizes,
+        "d log d",
+        lambda hw: hw * np.log(hw) + hw * cs,
+        _on_side(periodic("inverse")),
+        "c hw log hw + c^3 hw",
+    )
+    add(
+        f"PeriodicConv2d (c={cs})",
+        "log-det",
+        "hw",
+        hw_sizes,
+        "d",
+        lambda hw: hw * np.log(hw) + hw * cs,
+        _on_side(periodic("log-det")),
+        "c^2 hw log hw + c^3 hw",
+    )
     hw_sizes = [s * s for s in config.emerging_sides]
-    add(f"EmergingConv2d (c={cs})", "inverse", "hw", hw_sizes, "d log d",
-        lambda hw: hw, _on_side(emerging("inverse")), "c^2 k^2 hw")
-    add(f"EmergingConv2d (c={cs})", "log-det", "hw", hw_sizes, "d",
-        lambda hw: 1.0, _on_side(emerging("log-det")), "c, none in hw")
+    add(
+        f"EmergingConv2d (c={cs})",
+        "inverse",
+        "hw",
+        hw_sizes,
+        "d log d",
+        lambda hw: hw,
+        _on_side(emerging("inverse")),
+        "c^2 k^2 hw",
+    )
+    add(
+        f"EmergingConv2d (c={cs})",
+        "log-det",
+        "hw",
+        hw_sizes,
+        "d",
+        lambda hw: 1.0,
+        _on_side(emerging("log-det")),
+        "c, none in hw",
+    )
     return out
 
 
@@ -266,13 +437,21 @@ def _measure(config: Config) -> dict:
         fns = [s["build"](rng, size) for size in s["sizes"]]
         times, fastest = _time_sizes(fns, config.repeats, config.min_time)
         del fns
-        rows.append({
-            "layer": s["layer"], "op": s["op"], "var": s["var"], "sizes": s["sizes"],
-            "table": s["table"], "count": s["count"], "times": times, "times_min": fastest,
-            "model_slope": _model_slope(s["model"], s["sizes"]),
-            "fitted_slope": fit_loglog_slope(s["sizes"], times),
-            "fitted_slope_min": fit_loglog_slope(s["sizes"], fastest),
-        })
+        rows.append(
+            {
+                "layer": s["layer"],
+                "op": s["op"],
+                "var": s["var"],
+                "sizes": s["sizes"],
+                "table": s["table"],
+                "count": s["count"],
+                "times": times,
+                "times_min": fastest,
+                "model_slope": _model_slope(s["model"], s["sizes"]),
+                "fitted_slope": fit_loglog_slope(s["sizes"], times),
+                "fitted_slope_min": fit_loglog_slope(s["sizes"], fastest),
+            }
+        )
     return {
         "rows": rows,
         "cpu_count": os.cpu_count(),
@@ -303,9 +482,11 @@ def plot(results: dict, path) -> None:
         for r in rows:
             if r["layer"].split(" (")[0].replace(" plain", "").replace(" LU", "") != g:
                 continue
-            sub = r["layer"][len(g):].strip()
-            label = (f"{r['op']} vs {r['var']}{' ' + sub if sub else ''}: "
-                     f"{r['fitted_slope']:.2f} ({r['model_slope']:.2f})")
+            sub = r["layer"][len(g) :].strip()
+            label = (
+                f"{r['op']} vs {r['var']}{' ' + sub if sub else ''}: "
+                f"{r['fitted_slope']:.2f} ({r['model_slope']:.2f})"
+            )
             ax.loglog(r["sizes"], np.asarray(r["times"]) * 1e3, styles[r["op"]], label=label)
         ax.set_title(g)
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
@@ -324,7 +505,7 @@ def plot(results: dict, path) -> None:
     ax.set_xlabel("theory: slope of the cost model")
     ax.set_ylabel("measured: fitted log-log slope")
     ax.set_title("fitted exponent vs theory (blue inverse, orange log-det)")
-    for ax in axes[len(groups) + 1:]:
+    for ax in axes[len(groups) + 1 :]:
         ax.axis("off")
     fig.suptitle("Cost of inverse and log-det; legend: fitted slope (model slope)", y=1.0)
     fig.tight_layout()
@@ -343,16 +524,40 @@ def tex(results: dict) -> str:
     rows = []
     for r in results["rows"]:
         sizes = f"{r['sizes'][0]}--{r['sizes'][-1]}"
-        rows.append([r["layer"], r["op"], f"${r['var']}$ ({sizes})", _math(r["table"]),
-                     _math(r["count"]), r["model_slope"], r["fitted_slope"],
-                     r.get("fitted_slope_min")])
+        rows.append(
+            [
+                r["layer"],
+                r["op"],
+                f"${r['var']}$ ({sizes})",
+                _math(r["table"]),
+                _math(r["count"]),
+                r["model_slope"],
+                r["fitted_slope"],
+                r.get("fitted_slope_min"),
+            ]
+        )
     threads = results.get("blas_threads")
     blas = "BLAS as configured" if threads is None else f"{threads}-thread BLAS"
-    caption = ("Measured complexity exponents: least-squares slope of log(time) against "
-               "log(size) (fitted to the medians, and to the minima over the repeats), beside "
-               "the cost in REFERENCES.md's table, the operation count of the implementation "
-               "and the slope that count has over the same sizes "
-               f"(shared CPU, {blas}).")
-    return tex_table(["layer", "operation", "swept", "table", "count", "model slope",
-                      "fitted (median)", "fitted (min)"],
-                     rows, caption, "tab:linear-complexity", fmt="{:.2f}")
+    caption = (
+        "Measured complexity exponents: least-squares slope of log(time) against "
+        "log(size) (fitted to the medians, and to the minima over the repeats), beside "
+        "the cost in REFERENCES.md's table, the operation count of the implementation "
+        "and the slope that count has over the same sizes "
+        f"(shared CPU, {blas})."
+    )
+    return tex_table(
+        [
+            "layer",
+            "operation",
+            "swept",
+            "table",
+            "count",
+            "model slope",
+            "fitted (median)",
+            "fitted (min)",
+        ],
+        rows,
+        caption,
+        "tab:linear-complexity",
+        fmt="{:.2f}",
+    )

@@ -102,8 +102,13 @@ def run(config: Config) -> dict:
 
 
 def _run(config: Config) -> dict:
-    out = {"dims": list(config.dims), "hidden": [], "exact": {}, "hutchinson": {},
-           "tol": config.tol}
+    out = {
+        "dims": list(config.dims),
+        "hidden": [],
+        "exact": {},
+        "hutchinson": {},
+        "tol": config.tol,
+    }
     warm = MLPDynamics((4,))  # load the compiled kernels before anything is timed
     CNFDynamics(warm)(0.0, np.zeros((2, 3)), warm.init(np.random.default_rng(0), 2))
     for d in config.dims:
@@ -125,9 +130,9 @@ def _run(config: Config) -> dict:
         out[f"{kind}_slope_dims"] = big
         if len(big) >= 2:
             out[f"{kind}_eval_slope"] = fit_loglog_slope(
-                big, [out[kind][str(d)]["eval_ms"] for d in big])
-            out[f"{kind}_nfe_slope"] = fit_loglog_slope(
-                ds, [out[kind][str(d)]["nfe"] for d in ds])
+                big, [out[kind][str(d)]["eval_ms"] for d in big]
+            )
+            out[f"{kind}_nfe_slope"] = fit_loglog_slope(ds, [out[kind][str(d)]["nfe"] for d in ds])
     return out
 
 
@@ -140,16 +145,28 @@ def plot(results: dict, path) -> None:
         if not ds:
             continue
         rows = [results[kind][str(d)] for d in ds]
-        axes[0].plot(ds, [r["nfe"] for r in rows], marker=marker, color=color,
-                     label=f"{label}, forward")
-        axes[0].plot(ds, [r["backward_nfe"] for r in rows], marker=marker, color=color,
-                     ls="--", mfc="none", label=f"{label}, backward (backsolve)")
+        axes[0].plot(
+            ds, [r["nfe"] for r in rows], marker=marker, color=color, label=f"{label}, forward"
+        )
+        axes[0].plot(
+            ds,
+            [r["backward_nfe"] for r in rows],
+            marker=marker,
+            color=color,
+            ls="--",
+            mfc="none",
+            label=f"{label}, backward (backsolve)",
+        )
         slope = results.get(f"{kind}_eval_slope")
         span = results.get(f"{kind}_slope_dims") or [0]
-        tag = (f" (slope {slope:.2f} on d = {span[0]}..{span[-1]})" if slope is not None
-               else "")
-        axes[1].loglog(ds, [r["eval_ms"] for r in rows], marker=marker, color=color,
-                       label=f"{label}: one evaluation{tag}")
+        tag = f" (slope {slope:.2f} on d = {span[0]}..{span[-1]})" if slope is not None else ""
+        axes[1].loglog(
+            ds,
+            [r["eval_ms"] for r in rows],
+            marker=marker,
+            color=color,
+            label=f"{label}: one evaluation{tag}",
+        )
     axes[0].set_xscale("log", base=2)
     axes[0].set_ylim(bottom=0)
     axes[0].set_xlabel("dimension d")
@@ -161,8 +178,10 @@ def plot(results: dict, path) -> None:
     axes[1].set_ylabel("ms per evaluation of [f, div f] (best of repeats)")
     axes[1].set_title("cost per evaluation (exact: about d x Hutchinson)")
     axes[1].legend(loc="upper left")
-    fig.suptitle("CNF solver work against dimension (dopri5, rtol = atol = "
-                 f"{results.get('tol', 1e-5):g})", fontsize=10)
+    fig.suptitle(
+        f"CNF solver work against dimension (dopri5, rtol = atol = {results.get('tol', 1e-5):g})",
+        fontsize=10,
+    )
     fig.savefig(path)
     plt.close(fig)
 
@@ -172,13 +191,21 @@ def tex(results: dict) -> str:
     for i, d in enumerate(results["dims"]):
         h = results["hutchinson"][str(d)]
         e = results["exact"].get(str(d))
-        rows.append([str(d), str(results["hidden"][i]),
-                     str(h["nfe"]), str(h["backward_nfe"]), h["eval_ms"],
-                     str(e["nfe"]) if e else "--", e["eval_ms"] if e else None])
+        rows.append(
+            [
+                str(d),
+                str(results["hidden"][i]),
+                str(h["nfe"]),
+                str(h["backward_nfe"]),
+                h["eval_ms"],
+                str(e["nfe"]) if e else "--",
+                e["eval_ms"] if e else None,
+            ]
+        )
     return tex_table(
         ["$d$", "$H$", "NFE (H)", "NFE back (H)", "ms/eval (H)", "NFE (exact)", "ms/eval (exact)"],
         rows,
         caption="Function evaluations and cost per evaluation of a CNF against dimension "
-                "(random two-hidden-layer tanh MLP, dopri5). H: Hutchinson, one Gaussian probe.",
+        "(random two-hidden-layer tanh MLP, dopri5). H: Hutchinson, one Gaussian probe.",
         label="tab:nfe-vs-dimension",
     )

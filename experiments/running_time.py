@@ -75,22 +75,44 @@ def _count(tree, skip=("u",)):
 
 
 def _make_variants(config, rng, x):
-    blocks = [fm.IResBlock(config.hidden, logdet="series", n_terms=config.n_terms,
-                           spectral="power") for _ in range(config.blocks)]
+    blocks = [
+        fm.IResBlock(config.hidden, logdet="series", n_terms=config.n_terms, spectral="power")
+        for _ in range(config.blocks)
+    ]
     chain = fm.Chain(blocks)
     flow = fm.Flow(chain)
     res_params = flow.init(rng, x)
-    nocert = fm.Flow(fm.Chain([fm.IResBlock(config.hidden, logdet="series",
-                                            n_terms=config.n_terms, spectral="power",
-                                            check_lipschitz=False)
-                               for _ in range(config.blocks)]))
-    rflow = fm.Flow(fm.Chain([fm.IResBlock(config.hidden, logdet="roulette", spectral="power",
-                                           neumann_gradient=True)
-                              for _ in range(config.blocks)]))
+    nocert = fm.Flow(
+        fm.Chain(
+            [
+                fm.IResBlock(
+                    config.hidden,
+                    logdet="series",
+                    n_terms=config.n_terms,
+                    spectral="power",
+                    check_lipschitz=False,
+                )
+                for _ in range(config.blocks)
+            ]
+        )
+    )
+    rflow = fm.Flow(
+        fm.Chain(
+            [
+                fm.IResBlock(
+                    config.hidden, logdet="roulette", spectral="power", neumann_gradient=True
+                )
+                for _ in range(config.blocks)
+            ]
+        )
+    )
     glow_layers = []
     for k in range(config.blocks):
-        glow_layers += [fm.ActNorm(), fm.LULinear(),
-                        fm.AffineCoupling("half", config.hidden, flip=bool(k % 2))]
+        glow_layers += [
+            fm.ActNorm(),
+            fm.LULinear(),
+            fm.AffineCoupling("half", config.hidden, flip=bool(k % 2)),
+        ]
     glow = fm.Flow(fm.Chain(glow_layers))
     glow_params = glow.init(rng, x)
 
@@ -112,6 +134,7 @@ def _make_variants(config, rng, x):
         def loss(params, batch, r):
             plain = [params[i] for i in range(len(params))]
             return -anp.mean(f.log_prob(plain, batch, r))
+
         return loss
 
     def update_state(params):
@@ -131,8 +154,11 @@ def _make_variants(config, rng, x):
 
 def run(config: Config) -> dict:
     rng = np.random.default_rng(config.seed)
-    data = rng.normal(size=(8 * config.batch, config.dim)) @ rng.normal(
-        size=(config.dim, config.dim)) / np.sqrt(config.dim)
+    data = (
+        rng.normal(size=(8 * config.batch, config.dim))
+        @ rng.normal(size=(config.dim, config.dim))
+        / np.sqrt(config.dim)
+    )
     variants, counts = _make_variants(config, rng, data[: config.batch])
     opt = Adam(config.lr)
     state = {}
@@ -141,7 +167,7 @@ def run(config: Config) -> dict:
 
     def step(name, i):
         params, ostate, vg = state[name]
-        batch = data[(i % 8) * config.batch:(i % 8 + 1) * config.batch]
+        batch = data[(i % 8) * config.batch : (i % 8 + 1) * config.batch]
         t = time.perf_counter()
         value, grads = vg(params, batch, np.random.default_rng(i))
         params, ostate = opt.update(params, grads, ostate)
@@ -161,8 +187,10 @@ def run(config: Config) -> dict:
     for i in range(1, config.cycles + 1):
         for name in names:
             times[name].append(step(name, i))
-    ratios = {name: statistics.median(t / p for t, p in zip(times[name], times["plain"],
-                                                              strict=True)) for name in names}
+    ratios = {
+        name: statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=True))
+        for name in names
+    }
     paper_ratio = {k: v / PAPER["plain"] for k, v in PAPER.items()}
     return {
         "median_s": {name: statistics.median(times[name]) for name in names},
@@ -196,13 +224,16 @@ def tex(results) -> str:
     rows = []
     for name, r in results["ratio_to_plain"].items():
         paper = results["paper_ratio_to_plain"].get(name)
-        rows.append([LABELS[name], 1e3 * results["median_s"][name], r,
-                     paper if paper is not None else None])
+        rows.append(
+            [LABELS[name], 1e3 * results["median_s"][name], r, paper if paper is not None else None]
+        )
     return tex_table(
         ["model", "ms / iteration", "ratio", "paper ratio"],
         rows,
-        caption=("Time per training iteration (loss, gradient, Adam step, power-iteration "
-                 "state), relative to a plain i-ResNet; the paper's GPU figures "
-                 "0.31 : 0.57 : 1.88 : 0.72 s as ratios for context."),
+        caption=(
+            "Time per training iteration (loss, gradient, Adam step, power-iteration "
+            "state), relative to a plain i-ResNet; the paper's GPU figures "
+            "0.31 : 0.57 : 1.88 : 0.72 s as ratios for context."
+        ),
         label="tab:running-time",
     )

@@ -46,8 +46,11 @@ def _cmd_reproduce(args) -> int:
     for name in names:
         module = exps.load(name)
         config = module.Config.quick() if args.quick else module.Config()
-        mode = "re-plotting saved results" if args.replot else (
-            f"running ({'quick' if args.quick else 'full'} settings)")
+        mode = (
+            "re-plotting saved results"
+            if args.replot
+            else (f"running ({'quick' if args.quick else 'full'} settings)")
+        )
         print(f"[{name}] {mode} ...", flush=True)
         start = time.perf_counter()
         try:

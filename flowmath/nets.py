@@ -164,6 +164,7 @@ def _check_out_scale(out_scale):
 
 # -- multilayer perceptron ------------------------------------------------------------------------
 
+
 def _layer_init(rng, shape, fan_in, n_out, last, out_scale):
     """One layer ``{"W": shape, "b": (n_out,)}``: He-normal ``N(0, 2/fan_in)`` weights and
     ``N(0, 0.1^2)`` biases; the output layer (``last``) has ``N(0, 1/fan_in)`` weights, and
@@ -214,8 +215,10 @@ def mlp_init(rng: np.random.Generator, sizes, *, out_scale: float = 1.0):
     if len(sizes) < 2:
         raise ValueError(f"`sizes` must hold at least an input and an output width; got {sizes}")
     out_scale = _check_out_scale(out_scale)
-    return [_layer_init(rng, (a, b), a, b, k == len(sizes) - 2, out_scale)
-            for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
+    return [
+        _layer_init(rng, (a, b), a, b, k == len(sizes) - 2, out_scale)
+        for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    ]
 
 
 def mlp_apply(params, x):
@@ -242,6 +245,7 @@ def _dense(h, W, b):
 
 
 # -- convolutional network ------------------------------------------------------------------------
+
 
 def conv2d(x, W, b=None):
     """Cross-correlation with ``'same'`` zero padding, channels first.
@@ -283,8 +287,9 @@ def conv2d(x, W, b=None):
     return y
 
 
-def convnet_init(rng: np.random.Generator, c_in: int, hidden, c_out: int, *,
-                 out_scale: float = 1.0):
+def convnet_init(
+    rng: np.random.Generator, c_in: int, hidden, c_out: int, *, out_scale: float = 1.0
+):
     """Parameters of the conv conditioner ``c_in -> hidden[0] -> ... -> hidden[-1] -> c_out``.
 
     The first and the output convolutions are 3x3 (``'same'``), the ones in between 1x1; ReLU

@@ -61,8 +61,9 @@ def test_linear_field_hutchinson_per_probe(probe):
     draw = np.random.default_rng(42)
     eps = layer.draw_probe(copy.deepcopy(draw), x.shape)
     _, logdet = layer.forward(params, x, draw)
-    np.testing.assert_allclose(logdet, t1 * np.einsum("ni,ij,nj->n", eps, A, eps),
-                               rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(
+        logdet, t1 * np.einsum("ni,ij,nj->n", eps, A, eps), rtol=1e-13, atol=1e-14
+    )
     if probe == "rademacher":
         assert set(np.unique(eps)) <= {-1.0, 1.0}
 
@@ -77,8 +78,9 @@ def test_hutchinson_log_density_unbiased(probe):
     exact = fm.Flow(fm.CNF(hidden=(16, 16), t1=1.0, rtol=1e-7, atol=1e-9))
     params = exact.init(rng, x)
     ref = exact.log_prob(params, x)
-    hutch = fm.Flow(fm.CNF(hidden=(16, 16), t1=1.0, trace="hutchinson", probe=probe,
-                           rtol=1e-7, atol=1e-9))
+    hutch = fm.Flow(
+        fm.CNF(hidden=(16, 16), t1=1.0, trace="hutchinson", probe=probe, rtol=1e-7, atol=1e-9)
+    )
     hutch.init(rng, x)
     est = hutch.log_prob(params, np.repeat(x, K, axis=0), np.random.default_rng(3))
     est = est.reshape(len(x), K)

@@ -59,6 +59,7 @@ def ar_matrix(wk, d, h, w):
 
 # -- PeriodicConv2d -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("h, w", [(5, 4), (3, 3), (2, 6)])
 def test_periodic_c1_dft_eigenvectors_closed_form(rng, h, w):
     """c = 1: a circular cross-correlation is diagonalised by the 2-D Fourier modes,
@@ -72,12 +73,16 @@ def test_periodic_c1_dft_eigenvectors_closed_form(rng, h, w):
     logdet = 0.0
     for u in range(h):
         for v in range(w):
-            lam = sum(wk[a, b] * np.exp(2j * np.pi * (u * (a - 1) / h + v * (b - 1) / w))
-                      for a in range(3) for b in range(3))
+            lam = sum(
+                wk[a, b] * np.exp(2j * np.pi * (u * (a - 1) / h + v * (b - 1) / w))
+                for a in range(3)
+                for b in range(3)
+            )
             mode = np.exp(2j * np.pi * (u * ii / h + v * jj / w))
             # the layer is a real linear map: apply it to the real and imaginary parts
-            out = [layer.forward(params, part[None, None])[0][0, 0]
-                   for part in (mode.real, mode.imag)]
+            out = [
+                layer.forward(params, part[None, None])[0][0, 0] for part in (mode.real, mode.imag)
+            ]
             assert rel(out[0] + 1j * out[1], lam * mode) < RTOL
             logdet += np.log(np.abs(lam))
     x = rng.normal(size=(1, 1, h, w))
@@ -155,6 +160,7 @@ def test_periodic_bad_hyperparameters_and_params(rng):
 
 # -- InvConv1x1 ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("c", [1, 4, 7])
 def test_invconv_lu_logdet_is_hw_sum_log_s(rng, c):
     """log|det J| = h w sum log|s_i| = h w log|det W| = slogdet of the dense Jacobian."""
@@ -162,7 +168,10 @@ def test_invconv_lu_logdet_is_hw_sum_log_s(rng, c):
     layer = fm.InvConv1x1()
     params = layer.init(rng, x)
     w = layer.weight(params)
-    _, ld, = layer.forward(params, x)
+    (
+        _,
+        ld,
+    ) = layer.forward(params, x)
     assert rel(ld, np.full(2, 15 * np.sum(params["log_s"]))) < RTOL
     assert rel(ld, np.full(2, 15 * np.linalg.slogdet(w)[1])) < RTOL
     jac = dense_jacobian(lambda v: layer.forward(params, v)[0], x[:1])[0]
@@ -234,6 +243,7 @@ def test_invconv_float32(rng, lu):
 
 
 # -- EmergingConv2d and its kernel --------------------------------------------------------------
+
 
 @pytest.fixture
 def ar_problem(rng):

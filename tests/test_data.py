@@ -68,14 +68,20 @@ def test_toy_shape_dtype_seeding(name):
 
 def test_per_name_functions_are_the_toy_samplers():
     funcs = {
-        "8gaussians": data.eight_gaussians, "pinwheel": data.pinwheel,
-        "swissroll": data.swissroll, "circles": data.circles, "moons": data.moons,
-        "rings": data.rings, "2spirals": data.two_spirals, "checkerboard": data.checkerboard,
+        "8gaussians": data.eight_gaussians,
+        "pinwheel": data.pinwheel,
+        "swissroll": data.swissroll,
+        "circles": data.circles,
+        "moons": data.moons,
+        "rings": data.rings,
+        "2spirals": data.two_spirals,
+        "checkerboard": data.checkerboard,
     }
     assert set(funcs) == set(data.TOY_NAMES)
     for name, f in funcs.items():
-        np.testing.assert_array_equal(f(7, np.random.default_rng(3)),
-                                      data.toy(name, 7, np.random.default_rng(3)))
+        np.testing.assert_array_equal(
+            f(7, np.random.default_rng(3)), data.toy(name, 7, np.random.default_rng(3))
+        )
 
 
 @pytest.mark.parametrize("name", sorted(GAUSSIAN_NLL))
@@ -106,10 +112,9 @@ def test_checkerboard_is_uniform_on_the_eight_dark_squares():
     assert np.all(np.abs(x) <= 4)
     i, j = np.floor(x[:, 0] / 2).astype(int), np.floor(x[:, 1] / 2).astype(int)
     assert np.all((i + j) % 2 == 0)  # dark squares only
-    counts = np.bincount((i + 2) * 4 + (j + 2), minlength=16)[[(a + 2) * 4 + b + 2
-                                                               for a in range(-2, 2)
-                                                               for b in range(-2, 2)
-                                                               if (a + b) % 2 == 0]]
+    counts = np.bincount((i + 2) * 4 + (j + 2), minlength=16)[
+        [(a + 2) * 4 + b + 2 for a in range(-2, 2) for b in range(-2, 2) if (a + b) % 2 == 0]
+    ]
     expected = len(x) / 8
     chi2 = np.sum((counts - expected) ** 2 / expected)
     assert chi2 < 24.32  # chi-square, 7 degrees of freedom, 0.1 % level

@@ -113,8 +113,10 @@ def test_importance_estimate_rises_with_S_towards_log_P():
     xs = np.full((R, 1), x0)
     log_P = float(exact_log_P(x0))
     sizes = [1, 4, 16, 64]
-    est = [importance_weighted_log_prob(gauss_logp, xs, K1, np.random.default_rng(3), n_samples=s)
-           for s in sizes]
+    est = [
+        importance_weighted_log_prob(gauss_logp, xs, K1, np.random.default_rng(3), n_samples=s)
+        for s in sizes
+    ]
     # S = 1 is the single-sample (uniform dequantisation) bound, draw for draw
     single = elbo(gauss_logp, xs, K1, np.random.default_rng(3))
     np.testing.assert_allclose(est[0], single, rtol=0, atol=1e-12)
@@ -203,6 +205,7 @@ def test_q_density_is_normalised_and_matches_sampling(rng):
     mu, s = q._shift_logscale(params, x.astype(float), 4)
     assert np.all(2 * np.exp(-(30 - np.abs(mu)) * np.exp(-s)) < 1e-9)
     for row in x:
+
         def integrand(z, row=row):
             u = 1.0 / (1.0 + np.exp(-z))
             log_q = q.log_prob(params, row[None, :], 4, np.array([[u]]))[0]
@@ -242,8 +245,14 @@ def test_fitted_q_beats_uniform_and_stays_below_log_P():
     for _ in range(150):
         params, state = opt.update(params, grad(params, rng), state)
     R = 20000
-    est = elbo(gauss_logp, np.repeat(x, R, axis=0), K1, np.random.default_rng(7), dequantizer=q,
-               params=params).reshape(K1, R)
+    est = elbo(
+        gauss_logp,
+        np.repeat(x, R, axis=0),
+        K1,
+        np.random.default_rng(7),
+        dequantizer=q,
+        params=params,
+    ).reshape(K1, R)
     se = est.std(axis=1, ddof=1) / math.sqrt(R)
     variational = est.mean(axis=1)
     uniform = exact_uniform_bound(np.arange(K1))

@@ -49,8 +49,9 @@ def test_mlp_any_leading_shape():
     params = f.init(rng, 3)
     y = rng.normal(size=(2, 4, 3))
     a = rng.normal(size=y.shape)
-    np.testing.assert_allclose(f(0.1, y, params), f(0.1, y.reshape(8, 3), params).reshape(y.shape),
-                               rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(
+        f(0.1, y, params), f(0.1, y.reshape(8, 3), params).reshape(y.shape), rtol=1e-15, atol=1e-15
+    )
     _, a_y, _ = f.vjp(0.1, y, params, a)
     _, a_y2, _ = f.vjp(0.1, y.reshape(8, 3), params, a.reshape(8, 3))
     np.testing.assert_allclose(a_y, a_y2.reshape(y.shape), rtol=1e-15, atol=1e-15)

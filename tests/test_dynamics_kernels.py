@@ -15,8 +15,9 @@ from flowmath.kernels import cnf_tanh
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_kernel_matches_reference(dtype):
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(size=2000) * 3, [0.0, -0.0, 1e-300, -1e-8, 30.0, -800.0,
-                                                    np.inf, -np.inf]]).astype(dtype)
+    x = np.concatenate(
+        [rng.normal(size=2000) * 3, [0.0, -0.0, 1e-300, -1e-8, 30.0, -800.0, np.inf, -np.inf]]
+    ).astype(dtype)
     h, d1, d2 = cnf_tanh.tanh_derivs(x)
     r, r1, r2 = cnf_tanh.tanh_derivs_reference(x)
     assert h.dtype == dtype
@@ -45,13 +46,21 @@ def test_shapes_and_noncontiguous_input():
 
 def test_python_path_without_jit():
     """The kernel's Python source (no JIT) gives the same values: keeps the pure path honest."""
-    code = ("import numpy as np; from flowmath.kernels import cnf_tanh as k; "
-            "x = np.linspace(-5, 5, 101); h, a, b = k.tanh_derivs(x); "
-            "r, s, c = k.tanh_derivs_reference(x); "
-            "print(max(abs(h - r).max(), abs(a - s).max(), abs(b - c).max()))")
+    code = (
+        "import numpy as np; from flowmath.kernels import cnf_tanh as k; "
+        "x = np.linspace(-5, 5, 101); h, a, b = k.tanh_derivs(x); "
+        "r, s, c = k.tanh_derivs_reference(x); "
+        "print(max(abs(h - r).max(), abs(a - s).max(), abs(b - c).max()))"
+    )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert float(out.stdout.strip()) < 1e-15
 
 
@@ -70,8 +79,12 @@ def test_fused_one_hidden_layer_kernels_match_numpy_path(time, monkeypatch):
     for limit in (16, 0):
         monkeypatch.setattr(dynamics, "FUSED_MAX_DIM", limit)
         cnf = dynamics.CNFDynamics(fld, probe)
-        outs[limit] = (fld(t, y[:, :d], params), fld.vjp(t, y[:, :d], params, a[:, :d]),
-                       cnf(t, y, params), cnf.vjp(t, y, params, a))
+        outs[limit] = (
+            fld(t, y[:, :d], params),
+            fld.vjp(t, y[:, :d], params, a[:, :d]),
+            cnf(t, y, params),
+            cnf.vjp(t, y, params, a),
+        )
     fused, plain = outs[16], outs[0]
 
     def flat(x):
@@ -106,8 +119,12 @@ def test_fused_kernels_propagate_non_finite_values():
     rng = np.random.default_rng(5)
     z = rng.normal(size=(3, 2))
     z[1, 0] = np.nan
-    W0, b0, W1, b1 = rng.normal(size=(2, 4)), rng.normal(size=4), rng.normal(size=(4, 2)), \
-        rng.normal(size=2)
+    W0, b0, W1, b1 = (
+        rng.normal(size=(2, 4)),
+        rng.normal(size=4),
+        rng.normal(size=(4, 2)),
+        rng.normal(size=2),
+    )
     f = cnf_mlp1.mlp1_forward(z, W0, b0, W1, b1)
     f2, tr = cnf_mlp1.cnf1_forward(z, W0, b0, W1, b1)
     assert np.all(np.isnan(f[1])) and np.all(np.isnan(f2[1])) and np.isnan(tr[1])

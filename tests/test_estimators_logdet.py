@@ -54,8 +54,9 @@ def test_series_bias_is_exact_for_a_linear_block_and_within_the_bound():
     moments = est.power_series_bias_std(J, 20)
     assert moments.logdet == pytest.approx(logdet, abs=1e-14)
     for n in range(1, 21):
-        mean = est.power_series_logdet(linear_vjp(J), 1, d, n_terms=n, n_probes=d,
-                                       probes=basis_probes(d))[0]
+        mean = est.power_series_logdet(
+            linear_vjp(J), 1, d, n_terms=n, n_probes=d, probes=basis_probes(d)
+        )[0]
         bias = logdet - mean
         # three independent routes to the same number: estimator mean, M_n, eigenvalues
         assert abs(bias - moments.bias[n - 1]) < 1e-12
@@ -75,8 +76,15 @@ def test_series_bias_never_exceeds_the_truncation_bound(seed, d, L):
 def test_series_std_matches_formula(probe, n_probes):
     d, n_terms, n = 6, 5, 200_000
     J = normalised(d, 0.7, 1)
-    x = est.power_series_logdet(linear_vjp(J), n, d, n_terms=n_terms, n_probes=n_probes,
-                                probe=probe, rng=np.random.default_rng(2))
+    x = est.power_series_logdet(
+        linear_vjp(J),
+        n,
+        d,
+        n_terms=n_terms,
+        n_probes=n_probes,
+        probe=probe,
+        rng=np.random.default_rng(2),
+    )
     m = est.power_series_bias_std(J, n_terms, n_probes=n_probes, probe=probe)
     z_mean = (x.mean() - m.mean[-1]) / (m.std[-1] / np.sqrt(n))
     assert abs(z_mean) < Z, z_mean
@@ -91,8 +99,11 @@ def test_series_gradient_is_exact_for_fixed_probes():
     J = normalised(4, 0.6, 3)
 
     def f(J):
-        return anp.sum(est.power_series_logdet(linear_vjp(J), 3, 4, n_terms=6, n_probes=2,
-                                               rng=np.random.default_rng(0)))
+        return anp.sum(
+            est.power_series_logdet(
+                linear_vjp(J), 3, 4, n_terms=6, n_probes=2, rng=np.random.default_rng(0)
+            )
+        )
 
     check_grads(f, modes=["rev"], order=2)(J)
 
@@ -107,8 +118,9 @@ def _tail_decimal(L, d, n, terms=4000):
     return float(d * sum(Ld**k / k for k in range(n + 1, n + 1 + terms)))
 
 
-@pytest.mark.parametrize("L, n", [(0.0, 3), (0.3, 1), (0.5, 10), (0.5, 60), (0.7, 20),
-                                  (0.9, 5), (0.9, 300), (0.99, 40)])
+@pytest.mark.parametrize(
+    "L, n", [(0.0, 3), (0.3, 1), (0.5, 10), (0.5, 60), (0.7, 20), (0.9, 5), (0.9, 300), (0.99, 40)]
+)
 def test_truncation_bound_accurate(L, n):
     d = 7
     ref = _tail_decimal(L, d, n, terms=4000 if L < 0.99 else 8000)
@@ -119,8 +131,10 @@ def test_truncation_bound_accurate(L, n):
         assert got == pytest.approx(closed, rel=1e-9)
 
 
-@pytest.mark.parametrize("L, d, bias", [(0.5, 10, 1e-6), (0.7, 6, 1e-3), (0.9, 784, 1e-2),
-                                        (0.0, 3, 1e-9), (0.99, 2, 1e-8)])
+@pytest.mark.parametrize(
+    "L, d, bias",
+    [(0.5, 10, 1e-6), (0.7, 6, 1e-3), (0.9, 784, 1e-2), (0.0, 3, 1e-9), (0.99, 2, 1e-8)],
+)
 def test_choose_n_terms_is_minimal(L, d, bias):
     n = est.choose_n_terms(L, d, bias)
     assert est.series_truncation_bound(L, d, n) <= bias
@@ -132,35 +146,56 @@ def test_choose_n_terms_is_minimal(L, d, bias):
 # Russian roulette
 
 
-@pytest.mark.parametrize("distribution, p, lam, n_exact", [
-    ("geometric", 0.5, 2.0, 0), ("geometric", 0.5, 2.0, 2), ("geometric", 0.2, 2.0, 1),
-    ("poisson", 0.5, 2.0, 0), ("poisson", 0.5, 3.5, 2),
-])
+@pytest.mark.parametrize(
+    "distribution, p, lam, n_exact",
+    [
+        ("geometric", 0.5, 2.0, 0),
+        ("geometric", 0.5, 2.0, 2),
+        ("geometric", 0.2, 2.0, 1),
+        ("poisson", 0.5, 2.0, 0),
+        ("poisson", 0.5, 3.5, 2),
+    ],
+)
 def test_roulette_weights_have_unit_expectation(distribution, p, lam, n_exact):
     """E_N[weight of term k] = 1 for every k: the exact unbiasedness of the weighting."""
     Nmax = 400 if distribution == "geometric" else 150  # pmf beyond is < 1e-100
     Ns = np.arange(0 if distribution == "poisson" else 1, Nmax + 1)
-    pmf = (stats.geom.pmf(Ns, p) if distribution == "geometric" else stats.poisson.pmf(Ns, lam))
+    pmf = stats.geom.pmf(Ns, p) if distribution == "geometric" else stats.poisson.pmf(Ns, lam)
     coef, K = _roulette_coef(Ns, n_exact, distribution, p, lam, np.float64)
     expected = coef @ pmf  # (K,)
     np.testing.assert_allclose(expected[:60], 1.0, rtol=1e-12)
     surv = est.roulette_survival(np.arange(-2, 30), distribution=distribution, p=p, lam=lam)
-    ref = (stats.geom.sf(np.arange(-2, 30) - 1, p) if distribution == "geometric"
-           else stats.poisson.sf(np.arange(-2, 30) - 1, lam))
+    ref = (
+        stats.geom.sf(np.arange(-2, 30) - 1, p)
+        if distribution == "geometric"
+        else stats.poisson.sf(np.arange(-2, 30) - 1, lam)
+    )
     np.testing.assert_allclose(surv, ref, rtol=1e-12, atol=1e-300)
 
 
-@pytest.mark.parametrize("L, distribution, p, lam, n_exact", [
-    (0.5, "geometric", 0.5, 2.0, 1),
-    (0.7, "geometric", 0.5, 2.0, 2),   # L^2 = 0.49 < 1 - p: finite variance
-    (0.7, "geometric", 0.3, 2.0, 0),
-    (0.5, "poisson", 0.5, 2.0, 1),
-])
+@pytest.mark.parametrize(
+    "L, distribution, p, lam, n_exact",
+    [
+        (0.5, "geometric", 0.5, 2.0, 1),
+        (0.7, "geometric", 0.5, 2.0, 2),  # L^2 = 0.49 < 1 - p: finite variance
+        (0.7, "geometric", 0.3, 2.0, 0),
+        (0.5, "poisson", 0.5, 2.0, 1),
+    ],
+)
 def test_roulette_unbiased_and_mean_number_of_terms(L, distribution, p, lam, n_exact):
     d, n = 5, 100_000
     J = normalised(d, L, 4)
-    r = est.roulette_logdet(linear_vjp(J), n, d, p=p, distribution=distribution, lam=lam,
-                            n_exact=n_exact, rng=np.random.default_rng(5), per_sample=True)
+    r = est.roulette_logdet(
+        linear_vjp(J),
+        n,
+        d,
+        p=p,
+        distribution=distribution,
+        lam=lam,
+        n_exact=n_exact,
+        rng=np.random.default_rng(5),
+        per_sample=True,
+    )
     truth = np.linalg.slogdet(np.eye(d) + J)[1]
     z = (r.logdet.mean() - truth) / (r.logdet.std(ddof=1) / np.sqrt(n))
     assert abs(z) < Z, (r.logdet.mean(), truth, z)
@@ -181,8 +216,9 @@ def test_roulette_batch_draw_shares_n():
 def test_roulette_p_one_is_the_truncated_series():
     J = normalised(4, 0.6, 2)
     V = np.random.default_rng(0).standard_normal((1, 8, 4))
-    r = est.roulette_logdet(linear_vjp(J), 8, 4, p=1.0, n_exact=3, probes=V,
-                            rng=np.random.default_rng(0))
+    r = est.roulette_logdet(
+        linear_vjp(J), 8, 4, p=1.0, n_exact=3, probes=V, rng=np.random.default_rng(0)
+    )
     s = est.power_series_logdet(linear_vjp(J), 8, 4, n_terms=4, probes=V)
     np.testing.assert_allclose(r.logdet, s, rtol=1e-14, atol=1e-15)
     assert np.all(r.n_terms == 4)
@@ -239,8 +275,9 @@ def test_neumann_gradient_unbiased_nonlinear_block():
         def vjp(V):  # rows v_i^T J_i = ((v_i^T W2) * s_i) W1
             return anp.dot(anp.dot(V, W2) * s, W1)
 
-        r = est.neumann_logdet(vjp, n, d, n_exact=2, n_probes=4,
-                               rng=np.random.default_rng(seed), per_sample=True)
+        r = est.neumann_logdet(
+            vjp, n, d, n_exact=2, n_probes=4, rng=np.random.default_rng(seed), per_sample=True
+        )
         return anp.sum(r.logdet)
 
     grad = autograd.grad(est_total)
@@ -276,15 +313,27 @@ def test_neumann_backprop_visits_one_vjp():
     assert mean_logdet.calls == len(boxed_outputs) >= 5  # 4+ series terms + the surrogate
 
 
-@pytest.mark.parametrize("L, p, n_exact, n_probes, probe", [
-    (0.5, 0.5, 1, 1, "gaussian"),
-    (0.6, 0.3, 0, 2, "rademacher"),
-])
+@pytest.mark.parametrize(
+    "L, p, n_exact, n_probes, probe",
+    [
+        (0.5, 0.5, 1, 1, "gaussian"),
+        (0.6, 0.3, 0, 2, "rademacher"),
+    ],
+)
 def test_roulette_std_matches_exact_formula(L, p, n_exact, n_probes, probe):
     d, n = 5, 60_000
     J = normalised(d, L, 4)
-    r = est.roulette_logdet(linear_vjp(J), n, d, p=p, n_exact=n_exact, n_probes=n_probes,
-                            probe=probe, rng=np.random.default_rng(3), per_sample=True)
+    r = est.roulette_logdet(
+        linear_vjp(J),
+        n,
+        d,
+        p=p,
+        n_exact=n_exact,
+        n_probes=n_probes,
+        probe=probe,
+        rng=np.random.default_rng(3),
+        per_sample=True,
+    )
     sd = est.roulette_std(J, p=p, n_exact=n_exact, n_probes=n_probes, probe=probe)
     x = r.logdet
     c = x - x.mean()

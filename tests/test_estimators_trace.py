@@ -68,8 +68,11 @@ def test_hutchinson_unbiased_and_variance_matches_formula(A6, probe):
     var = est.hutchinson_variance(A6, probe)
     z_mean = (t - np.trace(A6)) / np.sqrt(var / n)
     assert abs(z_mean) < Z, (t, np.trace(A6), z_mean)
-    mu4 = gaussian_quadform_moments(A6)[1] if probe == "gaussian" else (
-        rademacher_quadform_moments(A6)[2])
+    mu4 = (
+        gaussian_quadform_moments(A6)[1]
+        if probe == "gaussian"
+        else (rademacher_quadform_moments(A6)[2])
+    )
     z_var = _sample_variance_z(single, var, mu4)
     assert abs(z_var) < Z, (np.var(single, ddof=1), var, z_var)
 
@@ -103,14 +106,19 @@ def test_exact_trace_and_gradient():
         def mv(V):
             matvec_seen.append(np.array(V))
             return anp.dot(V, A.T)
-        return est.hutchinson_trace(mv, 7, n_probes=5, probe="gaussian",
-                                    rng=np.random.default_rng(3))
+
+        return est.hutchinson_trace(
+            mv, 7, n_probes=5, probe="gaussian", rng=np.random.default_rng(3)
+        )
 
     G = autograd.grad(f)(A)
     V = matvec_seen[-1]
     np.testing.assert_allclose(G, V.T @ V / 5, atol=1e-12)
-    np.testing.assert_allclose(autograd.grad(lambda A: est.exact_trace(
-        lambda V: anp.dot(V, A.T), 7))(A), np.eye(7), atol=1e-15)
+    np.testing.assert_allclose(
+        autograd.grad(lambda A: est.exact_trace(lambda V: anp.dot(V, A.T), 7))(A),
+        np.eye(7),
+        atol=1e-15,
+    )
 
 
 def _decaying_psd(d, rng, power=2.0):
@@ -130,8 +138,9 @@ def test_hutchpp_unbiased_and_beats_hutchinson_at_equal_budget(probe):
         calls.append(V.shape[0])
         return V @ A.T
 
-    x = np.array([est.hutchpp_trace(matvec, d, n_matvecs=m, rng=rng, probe=probe)
-                  for _ in range(trials)])
+    x = np.array(
+        [est.hutchpp_trace(matvec, d, n_matvecs=m, rng=rng, probe=probe) for _ in range(trials)]
+    )
     assert sum(calls) == m * trials  # exactly the budget
     var_hpp = np.var(x, ddof=1)
     z = (x.mean() - np.trace(A)) / np.sqrt(var_hpp / trials)

@@ -64,8 +64,11 @@ def test_squeeze_round_trip_and_layout(rng):
 
 def test_squeeze_bad_shapes(rng):
     layer = fm.Squeeze()
-    with pytest.raises(ValueError, match=r"`x` must have height and width divisible by 2 for "
-                       r"Squeeze; got shape \(2, 1, 3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`x` must have height and width divisible by 2 for "
+        r"Squeeze; got shape \(2, 1, 3, 4\)",
+    ):
         layer.forward({}, rng.normal(size=(2, 1, 3, 4)))
     with pytest.raises(ValueError, match="divisible by 2"):
         layer.init(rng, rng.normal(size=(2, 1, 4, 5)))
@@ -119,8 +122,9 @@ def test_multiscale_loglik_accounts_for_every_factored_variable(rng, split_prior
     dense = -0.5 * (z**2).reshape(3, -1).sum(axis=1) - 0.5 * 32 * LOG2PI + logabs
     np.testing.assert_allclose(logp, dense, rtol=1e-10, atol=1e-10)
     # the latent is a permutation of the factored variables: same multiset of values
-    np.testing.assert_allclose(np.sort(z[0].ravel()),
-                               np.sort(np.concatenate([v[0].ravel() for v in zs])), atol=1e-14)
+    np.testing.assert_allclose(
+        np.sort(z[0].ravel()), np.sort(np.concatenate([v[0].ravel() for v in zs])), atol=1e-14
+    )
 
 
 def test_glow_sample_and_gradient(rng):
@@ -136,8 +140,11 @@ def test_glow_sample_and_gradient(rng):
 
 def test_glow_bad_shapes(rng):
     glow = fm.Glow(levels=2, steps=1, hidden=(4,))
-    with pytest.raises(ValueError, match=r"`x` must have height and width divisible by 4 for "
-                       r"Glow\(levels=2\); got shape \(2, 1, 6, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`x` must have height and width divisible by 4 for "
+        r"Glow\(levels=2\); got shape \(2, 1, 6, 4\)",
+    ):
         glow.init(rng, rng.normal(size=(2, 1, 6, 4)))
     params = glow.init(rng, rng.normal(size=(2, 1, 4, 4)))
     with pytest.raises(ValueError, match="`y` must have height and width divisible by 4"):
@@ -191,5 +198,6 @@ def test_split_prior_is_a_conditional_gaussian(rng):
     log_last = (-0.5 * z1**2 - 0.5 * LOG2PI).sum(axis=(1, 2, 3))
     flow = fm.Flow(glow)
     flow.init(rng, x)
-    np.testing.assert_allclose(flow.log_prob(params, x), ld0 + log_cond + ld1 + log_last,
-                               rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(
+        flow.log_prob(params, x), ld0 + log_cond + ld1 + log_last, rtol=1e-12, atol=1e-11
+    )

@@ -103,8 +103,11 @@ def test_spectral_norm_primitive(rng):
     W = rng.normal(size=(6, 4))
     assert lip.spectral_norm(W) == pytest.approx(np.linalg.svd(W, compute_uv=False)[0], rel=1e-14)
     check_grads(lip.spectral_norm, modes=["rev"], order=1)(W)
-    check_grads(lambda A: anp.sum(A / anp.maximum(1.0, lip.spectral_norm(A) / 0.7) ** 2),
-                modes=["rev"], order=1)(W)
+    check_grads(
+        lambda A: anp.sum(A / anp.maximum(1.0, lip.spectral_norm(A) / 0.7) ** 2),
+        modes=["rev"],
+        order=1,
+    )(W)
 
 
 @pytest.mark.parametrize("beta", [0.3, 1.0, 5.0])

@@ -88,8 +88,10 @@ def test_bad_arguments(rng):
 def test_unpack_round_trip_and_derivatives(rng):
     """unpack gives the leaves (dict keys sorted) and its VJP the tree; second and third
     derivatives through it agree with finite differences."""
-    tree = {"b": [rng.normal(size=3), {"y": rng.normal(size=(2, 2)), "x": rng.normal(size=2)}],
-            "a": rng.normal(size=1)}
+    tree = {
+        "b": [rng.normal(size=3), {"y": rng.normal(size=(2, 2)), "x": rng.normal(size=2)}],
+        "a": rng.normal(size=1),
+    }
     leaves = nets.unpack(tree)
     assert [v.shape for v in leaves] == [(1,), (3,), (2,), (2, 2)]
 

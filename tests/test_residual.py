@@ -118,11 +118,13 @@ def test_power_mode_is_deterministic_and_state_gets_no_gradient(rng):
     assert all(np.all(g == 0) for g in grads["u"])
     # with the state held fixed, reverse mode matches finite differences in W and b
     check_grads(lambda wb: loss({**wb, "u": params["u"]}), modes=["rev"], order=1)(
-        {"W": params["W"], "b": params["b"]})
+        {"W": params["W"], "b": params["b"]}
+    )
     # init sets u to the exact top singular vectors: sigma_hat = sigma_max already
     _, _, sig = block.normalized_weights(params)
-    np.testing.assert_allclose(sig, [np.linalg.svd(W, compute_uv=False)[0] for W in params["W"]],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        sig, [np.linalg.svd(W, compute_uv=False)[0] for W in params["W"]], rtol=1e-12
+    )
 
 
 def test_gradients_through_inverse_match_finite_differences(rng):
@@ -153,8 +155,9 @@ _PROP_RNG = np.random.default_rng(5)
 _PROP_BLOCK = fm.IResBlock(hidden=(12, 12), coeff=0.95, logdet="exact", activation="lipswish")
 _PROP_PARAMS = _PROP_BLOCK.init(_PROP_RNG, _PROP_RNG.normal(size=(4, 5)))
 _PROP_L = _PROP_BLOCK.lipschitz_bound(_PROP_PARAMS)
-vectors = st.lists(st.floats(-60, 60, allow_nan=False, allow_infinity=False), min_size=5,
-                   max_size=5)
+vectors = st.lists(
+    st.floats(-60, 60, allow_nan=False, allow_infinity=False), min_size=5, max_size=5
+)
 
 
 @given(a=vectors, direction=vectors, log_scale=st.floats(-7, 2))
@@ -204,8 +207,13 @@ def test_stochastic_logdet_matches_exact(logdet, rng):
         from flowmath.layers.residual import _mlp, _mlp_vjp
 
         _, pre = _mlp(x, Wn, bs, "elu")
-        est = fm.estimators.roulette_logdet(lambda V: _mlp_vjp(V, Wn, pre, "elu"), n, 3,
-                                            rng=np.random.default_rng(3), per_sample=True).logdet
+        est = fm.estimators.roulette_logdet(
+            lambda V: _mlp_vjp(V, Wn, pre, "elu"),
+            n,
+            3,
+            rng=np.random.default_rng(3),
+            per_sample=True,
+        ).logdet
     else:
         _, est = block.forward(params, x, np.random.default_rng(3))
     _, exact = exact_block.forward(params, x1)
@@ -221,13 +229,14 @@ def test_series_block_check_bijection(rng):
     block = fm.IResBlock(hidden=(8,), logdet="series")
     x = rng.normal(size=(3, 4))
     params = block.init(rng, x)
-    report = fm.testing.check_bijection(block, params, x, np.random.default_rng(1),
-                                        jacobian=False)
+    report = fm.testing.check_bijection(block, params, x, np.random.default_rng(1), jacobian=False)
     # round trips and the inverse log-det (same draws) are exact; `batch_error` is not
     # applicable: a sample's probe differs between a batch and a batch of one
     assert not report.errors and report.dtype_ok
-    assert max(report.forward_roundtrip, report.inverse_roundtrip,
-               report.inverse_logdet_error) <= 1e-10, report
+    assert (
+        max(report.forward_roundtrip, report.inverse_roundtrip, report.inverse_logdet_error)
+        <= 1e-10
+    ), report
     y, _ = block.forward(params, x, np.random.default_rng(1))
     y0, _ = block.forward(params, x[:1], np.random.default_rng(1))
     np.testing.assert_allclose(y0, y[:1], rtol=1e-14)
@@ -250,8 +259,13 @@ def test_bad_constructor_arguments():
 
 # -- chains -------------------------------------------------------------------------------------
 def test_chain_of_blocks_in_a_flow(rng):
-    chain = fm.Chain([fm.IResBlock(hidden=(8,), logdet="exact"), fm.LULinear(),
-                      fm.IResBlock(hidden=(8,), logdet="exact")])
+    chain = fm.Chain(
+        [
+            fm.IResBlock(hidden=(8,), logdet="exact"),
+            fm.LULinear(),
+            fm.IResBlock(hidden=(8,), logdet="exact"),
+        ]
+    )
     flow = fm.Flow(chain)
     x = rng.normal(size=(3, 3))
     params = flow.init(rng, x)
@@ -266,8 +280,14 @@ def test_chain_with_actnorm(rng):
         act = fm.ActNorm()
     except NotImplementedError:
         pytest.skip("ActNorm is not built yet")
-    chain = fm.Chain([act, fm.IResBlock(hidden=(8,), logdet="exact"), fm.ActNorm(),
-                      fm.IResBlock(hidden=(8,), logdet="exact")])
+    chain = fm.Chain(
+        [
+            act,
+            fm.IResBlock(hidden=(8,), logdet="exact"),
+            fm.ActNorm(),
+            fm.IResBlock(hidden=(8,), logdet="exact"),
+        ]
+    )
     x = rng.normal(size=(3, 3)) * 2 + 1
     params = chain.init(rng, x)
     fm.testing.check_bijection(chain, params, x).assert_ok(1e-9)
@@ -280,8 +300,9 @@ def test_invert_needs_no_rng_and_checks_shapes(rng):
     y, _ = block.forward(params, x, np.random.default_rng(0))
     x_back, info = block.invert(params, y)
     np.testing.assert_allclose(x_back, x, atol=1e-13)
-    assert info.n_iter >= 1 and np.all(info.bound <= info.tol * np.maximum(
-        1, np.linalg.norm(y, axis=1)))
+    assert info.n_iter >= 1 and np.all(
+        info.bound <= info.tol * np.maximum(1, np.linalg.norm(y, axis=1))
+    )
     with pytest.raises(ValueError, match=r"`y` must have shape \(n, 4\)"):
         block.invert(params, y[:, :3])
     with pytest.raises(ValueError, match="`tol` must be finite and > 0"):

@@ -211,8 +211,18 @@ def _neumann_pass(vjp, V, coef, n, dim):
 # power series
 
 
-def power_series_logdet(vjp, n: int, dim: int, *, n_terms: int = 10, n_probes: int = 1,
-                        probe: str = "gaussian", rng=None, probes=None, dtype=np.float64):
+def power_series_logdet(
+    vjp,
+    n: int,
+    dim: int,
+    *,
+    n_terms: int = 10,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    rng=None,
+    probes=None,
+    dtype=np.float64,
+):
     r"""Truncated power-series estimate of :math:`\log\det(I + J_i)` (i-ResNet, Algorithm 2).
 
     .. math::
@@ -273,8 +283,18 @@ def power_series_logdet(vjp, n: int, dim: int, *, n_terms: int = 10, n_probes: i
     return _series_value(vjp, V, coef, n, dim)
 
 
-def power_series_partial_sums(vjp, n: int, dim: int, *, n_terms: int = 10, n_probes: int = 1,
-                              probe: str = "gaussian", rng=None, probes=None, dtype=np.float64):
+def power_series_partial_sums(
+    vjp,
+    n: int,
+    dim: int,
+    *,
+    n_terms: int = 10,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    rng=None,
+    probes=None,
+    dtype=np.float64,
+):
     r"""All truncations of :func:`power_series_logdet` at once, with the same probes.
 
     Row ``j`` (``j = 0 .. n_terms - 1``) is the estimate with ``j + 1`` terms,
@@ -384,8 +404,9 @@ def _roulette_coef(N, n_exact, distribution, p, lam, dtype):
     return coef.astype(dtype), K
 
 
-def _roulette_setup(rng, probes, n, dim, n_probes, probe, dtype, p, distribution, lam, n_exact,
-                    per_sample):
+def _roulette_setup(
+    rng, probes, n, dim, n_probes, probe, dtype, p, distribution, lam, n_exact, per_sample
+):
     n, dim, n_probes, dtype = _common_args(n, dim, n_probes, probe, dtype)
     p, distribution, lam, n_exact = _check_roulette_args(p, distribution, lam, n_exact)
     check_rng(rng)
@@ -399,10 +420,22 @@ def _roulette_setup(rng, probes, n, dim, n_probes, probe, dtype, p, distribution
     return n, dim, V, coef, K, (N + n_exact).astype(np.int64)
 
 
-def roulette_logdet(vjp, n: int, dim: int, *, p: float = 0.5, distribution: str = "geometric",
-                    lam: float = 2.0, n_exact: int = 1, n_probes: int = 1,
-                    probe: str = "gaussian", rng, per_sample: bool = False, probes=None,
-                    dtype=np.float64) -> RouletteEstimate:
+def roulette_logdet(
+    vjp,
+    n: int,
+    dim: int,
+    *,
+    p: float = 0.5,
+    distribution: str = "geometric",
+    lam: float = 2.0,
+    n_exact: int = 1,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    rng,
+    per_sample: bool = False,
+    probes=None,
+    dtype=np.float64,
+) -> RouletteEstimate:
     r"""Unbiased Russian-roulette estimate of :math:`\log\det(I + J_i)` (Residual Flows, eq. 6).
 
     .. math::
@@ -482,10 +515,22 @@ def roulette_logdet(vjp, n: int, dim: int, *, p: float = 0.5, distribution: str 
     return RouletteEstimate(value, n_terms, V.shape[0] * K)
 
 
-def neumann_logdet(vjp, n: int, dim: int, *, p: float = 0.5, distribution: str = "geometric",
-                   lam: float = 2.0, n_exact: int = 1, n_probes: int = 1,
-                   probe: str = "gaussian", rng, per_sample: bool = False, probes=None,
-                   dtype=np.float64) -> RouletteEstimate:
+def neumann_logdet(
+    vjp,
+    n: int,
+    dim: int,
+    *,
+    p: float = 0.5,
+    distribution: str = "geometric",
+    lam: float = 2.0,
+    n_exact: int = 1,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    rng,
+    per_sample: bool = False,
+    probes=None,
+    dtype=np.float64,
+) -> RouletteEstimate:
     r"""Roulette log-det estimate whose autograd gradient is the Neumann-series estimator.
 
     The VALUE is exactly :func:`roulette_logdet`'s (same arguments, same ``rng`` state: same
@@ -706,8 +751,9 @@ def choose_n_terms(lipschitz: float, dim: int, bias: float, *, max_terms: int = 
     return hi
 
 
-def power_series_bias_std(jac, n_terms: int, *, n_probes: int = 1,
-                          probe: str = "gaussian") -> SeriesMoments:
+def power_series_bias_std(
+    jac, n_terms: int, *, n_probes: int = 1, probe: str = "gaussian"
+) -> SeriesMoments:
     r"""Exact mean, bias and standard deviation of the power-series estimator for a linear block.
 
     For :math:`g(x) = J x` the estimator with ``n`` terms is :math:`v^\top M_n v`,
@@ -777,8 +823,16 @@ def power_series_bias_std(jac, n_terms: int, *, n_probes: int = 1,
     return SeriesMoments(float(logdet), mean, logdet - mean, np.array(std))
 
 
-def roulette_std(jac, *, p: float = 0.5, n_exact: int = 1, n_probes: int = 1,
-                 probe: str = "gaussian", rtol: float = 1e-10, max_terms: int = 5000) -> float:
+def roulette_std(
+    jac,
+    *,
+    p: float = 0.5,
+    n_exact: int = 1,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    rtol: float = 1e-10,
+    max_terms: int = 5000,
+) -> float:
     r"""Exact standard deviation of :func:`roulette_logdet` (geometric ``N``) for a linear block.
 
     For :math:`g(x) = J x` the estimate is :math:`X = \sum_k c_k w_k(N)\, \bar a_k` with
@@ -870,15 +924,23 @@ def roulette_std(jac, *, p: float = 0.5, n_exact: int = 1, n_probes: int = 1,
         cross = Sj @ sym[-1]
         if probe == "rademacher":
             cross = cross - np.array(diag) @ diag[-1]
-        pair = np.array(c) * c[-1] * np.array(inv_s) * (np.array(tr) * tr[-1]
-                                                         + 2.0 * cross / n_probes)
+        pair = (
+            np.array(c) * c[-1] * np.array(inv_s) * (np.array(tr) * tr[-1] + 2.0 * cross / n_probes)
+        )
         second += 2.0 * np.sum(pair[:-1]) + pair[-1]
         if K <= n_exact:
             continue
-        first = A * b[-1] * L / ((1 - L) * (K + 1)) * np.sum(np.abs(c) * np.array(b)
-                                                             * np.array(inv_s))
-        rest = (A * b[-1] ** 2 / ((K + 1) ** 2 * (1 - L))
-                * (1.0 - p) ** (-max(K - n_exact - 1, 0)) * ratio / (1 - ratio))
+        first = (
+            A * b[-1] * L / ((1 - L) * (K + 1)) * np.sum(np.abs(c) * np.array(b) * np.array(inv_s))
+        )
+        rest = (
+            A
+            * b[-1] ** 2
+            / ((K + 1) ** 2 * (1 - L))
+            * (1.0 - p) ** (-max(K - n_exact - 1, 0))
+            * ratio
+            / (1 - ratio)
+        )
         tail = 2.0 * (first + rest)
         var = second - logdet * logdet
         if tail <= rtol * max(var, 0.0) or tail < 1e-300:

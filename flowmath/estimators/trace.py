@@ -17,8 +17,14 @@ import numpy as np
 from .._checks import check_choice, check_float_dtype, check_int, check_rng
 from .._xp import array_namespace, getval
 
-__all__ = ["PROBES", "draw_probes", "exact_trace", "hutchinson_trace", "hutchinson_variance",
-           "hutchpp_trace"]
+__all__ = [
+    "PROBES",
+    "draw_probes",
+    "exact_trace",
+    "hutchinson_trace",
+    "hutchinson_variance",
+    "hutchpp_trace",
+]
 
 #: Probe distributions: both have ``E[v v^T] = I``, so ``E[v^T A v] = tr A``.
 PROBES = ("gaussian", "rademacher")
@@ -108,8 +114,9 @@ def exact_trace(matvec, dim: int, *, dtype=np.float64):
     return xp.sum(AE * eye)
 
 
-def hutchinson_trace(matvec, dim: int, *, n_probes: int = 1, probe: str = "rademacher", rng,
-                     dtype=np.float64):
+def hutchinson_trace(
+    matvec, dim: int, *, n_probes: int = 1, probe: str = "rademacher", rng, dtype=np.float64
+):
     r"""Hutchinson's unbiased trace estimator.
 
     .. math::
@@ -163,8 +170,9 @@ def hutchinson_trace(matvec, dim: int, *, n_probes: int = 1, probe: str = "radem
     return xp.mean(xp.sum(V * AV, axis=1))
 
 
-def hutchpp_trace(matvec, dim: int, *, n_matvecs: int, rng, probe: str = "rademacher",
-                  dtype=np.float64):
+def hutchpp_trace(
+    matvec, dim: int, *, n_matvecs: int, rng, probe: str = "rademacher", dtype=np.float64
+):
     r"""Hutch++: a low-rank sketch plus Hutchinson on the deflated remainder, same budget.
 
     With ``k = n_matvecs // 3`` sketch vectors ``S`` and ``l = n_matvecs - 2k`` probes ``G``,
@@ -267,8 +275,10 @@ def hutchinson_variance(A, probe: str = "gaussian") -> float:
     """
     check_choice(probe, "probe", PROBES)
     A = np.asarray(getval(A))
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or not (
-        np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.integer)
+    if (
+        A.ndim != 2
+        or A.shape[0] != A.shape[1]
+        or not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.integer))
     ):
         raise ValueError(
             f"`A` must be a square real 2-D array; got shape {A.shape}, dtype {A.dtype}"
@@ -279,4 +289,3 @@ def hutchinson_variance(A, probe: str = "gaussian") -> float:
     if probe == "gaussian":
         return 2.0 * fro2
     return 2.0 * (fro2 - float(np.sum(np.diag(A) ** 2)))
-

@@ -176,8 +176,12 @@ def mlp1_vjp(z, a, W0, b0, W1, b1):
     z, a, W0, b0, W1T, b1 = map(_c, (z, a, W0, b0, W1.T, b1))
     f = np.empty((z.shape[0], W1T.shape[0]))
     gz = np.empty_like(z)
-    gW0, gb0, gW1T, gb1 = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1T),
-                           np.zeros_like(b1))
+    gW0, gb0, gW1T, gb1 = (
+        np.zeros_like(W0),
+        np.zeros_like(b0),
+        np.zeros_like(W1T),
+        np.zeros_like(b1),
+    )
     _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1)
     return f, gz, gW0, gb0, gW1T.T, gb1
 
@@ -200,8 +204,13 @@ def cnf1_vjp(z, af, at, W0, b0, W1, b1):
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])
     gz = np.empty_like(z)
-    gW0, gb0, gW1T, gb1, gc = (np.zeros_like(W0), np.zeros_like(b0), np.zeros_like(W1T),
-                               np.zeros_like(b1), np.zeros_like(c))
+    gW0, gb0, gW1T, gb1, gc = (
+        np.zeros_like(W0),
+        np.zeros_like(b0),
+        np.zeros_like(W1T),
+        np.zeros_like(b1),
+        np.zeros_like(c),
+    )
     _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
     gW0 += gc[None, :] * W1T
     gW1 = gW1T.T + gc[:, None] * W0.T

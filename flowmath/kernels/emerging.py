@@ -96,7 +96,9 @@ def ar_conv(w, d, x):
     wm = w * ar_mask(c, k, getval(w).dtype)
     xpad = anp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), mode="constant")
     # im2col over the k*k offsets, then one matrix product: (c, c*k*k) @ (n, c*k*k, h*w)
-    cols = anp.stack([xpad[:, :, a:a + h, b:b + wd] for a in range(k) for b in range(k)], axis=2)
+    cols = anp.stack(
+        [xpad[:, :, a : a + h, b : b + wd] for a in range(k) for b in range(k)], axis=2
+    )
     cols = anp.reshape(cols, (n, c * k * k, h * wd))
     y = anp.matmul(anp.reshape(wm, (c, c * k * k)), cols)
     return anp.reshape(y, (n, c, h, wd)) + d[None, :, None, None] * x
@@ -109,8 +111,10 @@ def _weight_grad(gy, x, k):
     xpad = anp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), mode="constant")
     rows = []
     for a in range(k):
-        cols = [anp.tensordot(gy, xpad[:, :, a:a + h, b:b + wd], axes=([0, 2, 3], [0, 2, 3]))
-                for b in range(k)]
+        cols = [
+            anp.tensordot(gy, xpad[:, :, a : a + h, b : b + wd], axes=([0, 2, 3], [0, 2, 3]))
+            for b in range(k)
+        ]
         rows.append(anp.stack(cols, axis=-1))
     return anp.stack(rows, axis=-2)
 
@@ -166,8 +170,9 @@ def ar_solve(w, d, y):
     Differentiable by autograd in all three arguments (to any order).
     """
     y = np.ascontiguousarray(y)
-    return _ar_solve_kernel(np.ascontiguousarray(w, dtype=y.dtype),
-                            np.ascontiguousarray(d, dtype=y.dtype), y)
+    return _ar_solve_kernel(
+        np.ascontiguousarray(w, dtype=y.dtype), np.ascontiguousarray(d, dtype=y.dtype), y
+    )
 
 
 def _solve_transpose(w, d, g):

@@ -92,13 +92,28 @@ class CNF(Bijection):
 
     event_ndims = VECTOR
 
-    def __init__(self, hidden=(64, 64), t1: float = 1.0, trace: str = "exact",
-                 probe: str = "gaussian", *, time: str = "concat", activation: str = "tanh",
-                 method: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-9,
-                 adjoint: str = "backsolve", step_size: float | None = None,
-                 identity_init: bool = False, init_scale: float = 1.0):
-        self.field = MLPDynamics(hidden, time=check_choice(time, "time", TIME_MODES),
-                                 activation=check_choice(activation, "activation", ACTIVATIONS))
+    def __init__(
+        self,
+        hidden=(64, 64),
+        t1: float = 1.0,
+        trace: str = "exact",
+        probe: str = "gaussian",
+        *,
+        time: str = "concat",
+        activation: str = "tanh",
+        method: str = "dopri5",
+        rtol: float = 1e-7,
+        atol: float = 1e-9,
+        adjoint: str = "backsolve",
+        step_size: float | None = None,
+        identity_init: bool = False,
+        init_scale: float = 1.0,
+    ):
+        self.field = MLPDynamics(
+            hidden,
+            time=check_choice(time, "time", TIME_MODES),
+            activation=check_choice(activation, "activation", ACTIVATIONS),
+        )
         self.hidden = self.field.hidden
         self.t1 = check_positive(t1, "t1")
         self.trace = check_choice(trace, "trace", TRACES)
@@ -129,10 +144,12 @@ class CNF(Bijection):
         return self.trace == "hutchinson"
 
     def __repr__(self) -> str:
-        return (f"CNF(hidden={self.hidden!r}, t1={self.t1!r}, trace={self.trace!r}, "
-                f"probe={self.probe!r}, time={self.field.time!r}, "
-                f"activation={self.field.activation!r}, method={self.method!r}, "
-                f"rtol={self.rtol!r}, atol={self.atol!r}, adjoint={self.adjoint!r})")
+        return (
+            f"CNF(hidden={self.hidden!r}, t1={self.t1!r}, trace={self.trace!r}, "
+            f"probe={self.probe!r}, time={self.field.time!r}, "
+            f"activation={self.field.activation!r}, method={self.method!r}, "
+            f"rtol={self.rtol!r}, atol={self.atol!r}, adjoint={self.adjoint!r})"
+        )
 
     # -- contract ------------------------------------------------------------------------------
     def _init(self, rng, x):
@@ -163,8 +180,12 @@ class CNF(Bijection):
 
     def solver_options(self) -> dict:
         """Keyword arguments passed to :func:`flowmath.odeint`."""
-        opts = {"method": self.method, "rtol": self.rtol, "atol": self.atol,
-                "adjoint": self.adjoint}
+        opts = {
+            "method": self.method,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "adjoint": self.adjoint,
+        }
         if self.step_size is not None:
             opts["step_size"] = self.step_size
         return opts

@@ -347,8 +347,9 @@ class PeriodicConv2d(Bijection):
         for a in range(k):
             for b in range(k):
                 scatter[a * k + b, ((a - p) % h) * w + (b - p) % w] += 1.0
-        padded = xp.reshape(xp.matmul(xp.reshape(weight, (c, c, k * k)), xp.asarray(scatter)),
-                            (c, c, h, w))
+        padded = xp.reshape(
+            xp.matmul(xp.reshape(weight, (c, c, k * k)), xp.asarray(scatter)), (c, c, h, w)
+        )
         khat = xp.fft.fft2(padded)  # over the last two axes
         return xp.conj(xp.transpose(khat, (2, 3, 0, 1)))
 

@@ -177,8 +177,9 @@ class _Coupling(Bijection):
     event_ndims = ANY
     _m = 1
 
-    def __init__(self, mask="half", hidden=(64, 64), *, flip: bool = False,
-                 identity_init: bool = False):
+    def __init__(
+        self, mask="half", hidden=(64, 64), *, flip: bool = False, identity_init: bool = False
+    ):
         if isinstance(mask, str):
             check_choice(mask, "mask", _MASKS)
             self.mask = mask
@@ -234,12 +235,14 @@ class _Coupling(Bijection):
         part = self._partition(shape)
         out_scale = 0.0 if self.identity_init else 1.0
         if not part.image:
-            net = nets.mlp_init(rng, [part.n_a, *self.hidden, self._m * part.n_b],
-                                out_scale=out_scale)
+            net = nets.mlp_init(
+                rng, [part.n_a, *self.hidden, self._m * part.n_b], out_scale=out_scale
+            )
             n_scale = (part.n_b,)
         elif part.kind == "split":
-            net = nets.convnet_init(rng, part.n_a, self.hidden, self._m * part.n_b,
-                                    out_scale=out_scale)
+            net = nets.convnet_init(
+                rng, part.n_a, self.hidden, self._m * part.n_b, out_scale=out_scale
+            )
             n_scale = (part.n_b, 1, 1)
         else:
             c = shape[0]

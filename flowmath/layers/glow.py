@@ -32,6 +32,7 @@ __all__ = ["ActNorm", "Glow", "GlowStep", "Squeeze"]
 
 # -- ActNorm --------------------------------------------------------------------------------------
 
+
 class ActNorm(Bijection):
     """Activation normalisation: a per-channel (per-feature for vectors) affine map.
 
@@ -101,6 +102,7 @@ class ActNorm(Bijection):
 
 
 # -- Squeeze --------------------------------------------------------------------------------------
+
 
 def _check_even(shape, name, factor=2, what="Squeeze"):
     _, h, w = shape[-3:]
@@ -173,6 +175,7 @@ class Squeeze(Bijection):
 
 # -- GlowStep -------------------------------------------------------------------------------------
 
+
 class GlowStep(Chain):
     """One step of Glow: ``ActNorm -> InvConv1x1(lu=lu) -> AffineCoupling("half", hidden)``.
 
@@ -202,18 +205,23 @@ class GlowStep(Chain):
         self.hidden = tuple(hidden)
         self.lu = bool(lu)
         self.identity_init = bool(identity_init)
-        super().__init__([
-            ActNorm(),
-            InvConv1x1(lu=self.lu),
-            AffineCoupling("half", self.hidden, identity_init=self.identity_init),
-        ])
+        super().__init__(
+            [
+                ActNorm(),
+                InvConv1x1(lu=self.lu),
+                AffineCoupling("half", self.hidden, identity_init=self.identity_init),
+            ]
+        )
 
     def __repr__(self) -> str:
-        return (f"GlowStep(hidden={self.hidden!r}, lu={self.lu!r}, "
-                f"identity_init={self.identity_init!r})")
+        return (
+            f"GlowStep(hidden={self.hidden!r}, lu={self.lu!r}, "
+            f"identity_init={self.identity_init!r})"
+        )
 
 
 # -- Glow -----------------------------------------------------------------------------------------
+
 
 class Glow(Bijection):
     """The multi-scale Glow architecture with factor-out.
@@ -285,8 +293,16 @@ class Glow(Bijection):
 
     event_ndims = IMAGE
 
-    def __init__(self, levels: int = 2, steps: int = 4, hidden=(64, 64), *, lu: bool = True,
-                 identity_init: bool = False, split_prior: bool = False):
+    def __init__(
+        self,
+        levels: int = 2,
+        steps: int = 4,
+        hidden=(64, 64),
+        *,
+        lu: bool = True,
+        identity_init: bool = False,
+        split_prior: bool = False,
+    ):
         self.levels = check_int(levels, "levels", minimum=1)
         self.steps = check_int(steps, "steps", minimum=1)
         self.hidden = tuple(hidden)
@@ -295,8 +311,10 @@ class Glow(Bijection):
         self.split_prior = bool(split_prior)
         self._flows = []
         for level in range(self.levels):
-            layers = [GlowStep(self.hidden, lu=self.lu, identity_init=self.identity_init)
-                      for _ in range(self.steps)]
+            layers = [
+                GlowStep(self.hidden, lu=self.lu, identity_init=self.identity_init)
+                for _ in range(self.steps)
+            ]
             if self.split_prior and level < self.levels - 1:
                 # z (second half) | h (first half): Glow's conditional prior as a bijection
                 layers.append(AffineCoupling("half", (), identity_init=self.identity_init))

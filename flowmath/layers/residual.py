@@ -157,8 +157,11 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
             break
         if k >= max_iter:
             worst = int(np.argmax(bound / thresh))
-            need = (math.log(thresh[worst] * (1 - L) / d0[worst]) / math.log(L)
-                    if L > 0 and d0[worst] > 0 else 0.0)
+            need = (
+                math.log(thresh[worst] * (1 - L) / d0[worst]) / math.log(L)
+                if L > 0 and d0[worst] > 0
+                else 0.0
+            )
             raise FixedPointError(
                 f"fixed-point inverse did not reach the tolerance in `max_iter` = {max_iter} "
                 f"iterations: error bound {bound[worst]:.3e} > {thresh[worst]:.3e} at sample "
@@ -173,8 +176,11 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
     resid = _row_norm(y - x - g(x)) / (1.0 - L)
     history = None
     if record:
-        history = {"iterates": np.stack(hist_x), "a_priori": np.stack(hist_pri),
-                   "a_posteriori": np.stack(hist_post)}
+        history = {
+            "iterates": np.stack(hist_x),
+            "a_priori": np.stack(hist_pri),
+            "a_posteriori": np.stack(hist_post),
+        }
     info = FixedPointInfo(k, L, float(tol), bound, a_priori, a_post, resid, history)
     return x, info
 
@@ -268,14 +274,17 @@ def _fixed_point(spec, y, *wb):
     Ws, bs = list(wb[:k]), list(wb[k:])
 
     if array_namespace(y, Ws, bs) is np:
+
         def g(x):
             return _mlp_host(x, Ws, bs, spec.act)
     else:  # CuPy
+
         def g(x):
             return _mlp(x, Ws, bs, spec.act)[0]
 
-    x, spec.info = solve_fixed_point(g, y, spec.L, tol=spec.tol, max_iter=spec.max_iter,
-                                     record=spec.record)
+    x, spec.info = solve_fixed_point(
+        g, y, spec.L, tol=spec.tol, max_iter=spec.max_iter, record=spec.record
+    )
     return x
 
 
@@ -291,13 +300,19 @@ def _fixed_point_vjp(argnums, x, args, kwargs):
 
     def vjp(gbar):
         w, spec.adjoint_info = solve_fixed_point(
-            lambda w: _mlp_vjp(w, Ws, pre, spec.act), gbar, spec.L, tol=spec.tol,
-            max_iter=spec.max_iter)
+            lambda w: _mlp_vjp(w, Ws, pre, spec.act),
+            gbar,
+            spec.L,
+            tol=spec.tol,
+            max_iter=spec.max_iter,
+        )
         grads = []
         theta_nums = [a - 2 for a in argnums if a >= 2]
         if theta_nums:
+
             def inner(*theta):
                 return anp.sum(w * _mlp(x, list(theta[:k]), list(theta[k:]), spec.act)[0])
+
             gtheta = autograd.grad(lambda th: inner(*th))(tuple(wb))
         for a in argnums:
             if a == 0:
@@ -398,12 +413,25 @@ class IResBlock(Bijection):
 
     event_ndims = VECTOR
 
-    def __init__(self, hidden=(64, 64), coeff: float = 0.9, logdet: str = "series",
-                 n_terms: int = 10, n_probes: int = 1, *, activation: str = "elu",
-                 spectral: str = "auto", n_power_iterations: int = 1, probe: str = "gaussian",
-                 roulette_p: float = 0.5, n_exact: int = 1, neumann_gradient: bool = False,
-                 check_lipschitz: bool = True, tol: float | None = None,
-                 max_iter: int = 100_000):
+    def __init__(
+        self,
+        hidden=(64, 64),
+        coeff: float = 0.9,
+        logdet: str = "series",
+        n_terms: int = 10,
+        n_probes: int = 1,
+        *,
+        activation: str = "elu",
+        spectral: str = "auto",
+        n_power_iterations: int = 1,
+        probe: str = "gaussian",
+        roulette_p: float = 0.5,
+        n_exact: int = 1,
+        neumann_gradient: bool = False,
+        check_lipschitz: bool = True,
+        tol: float | None = None,
+        max_iter: int = 100_000,
+    ):
         if isinstance(hidden, numbers.Integral):
             hidden = (hidden,)
         try:
@@ -448,7 +476,8 @@ class IResBlock(Bijection):
             bs.append(0.1 * rng.normal(size=fan_out))
         params = {"W": Ws, "b": bs}
         power = self.spectral == "power" or (
-            self.spectral == "auto" and any(min(W.shape) > AUTO_EXACT_MAX for W in Ws))
+            self.spectral == "auto" and any(min(W.shape) > AUTO_EXACT_MAX for W in Ws)
+        )
         if power:
             params["u"] = [_top_left_singular_vector(W) for W in Ws]
         return params
@@ -470,8 +499,10 @@ class IResBlock(Bijection):
         if self.spectral == "exact":
             return False
         if self.spectral == "power" and "u" not in params:
-            raise ValueError("`params` must hold the power-iteration state 'u' for "
-                             "spectral='power' (use IResBlock.init)")
+            raise ValueError(
+                "`params` must hold the power-iteration state 'u' for "
+                "spectral='power' (use IResBlock.init)"
+            )
         return "u" in params
 
     def update_state(self, params, n_iter: int | None = None):
@@ -483,8 +514,10 @@ class IResBlock(Bijection):
         if n_iter is None:
             n_iter = self.n_power_iterations
         n_iter = check_int(n_iter, "n_iter", minimum=1)
-        us = [lip.power_iteration(getval(W), getval(u), n_iter)[1]
-              for W, u in zip(params["W"], params["u"], strict=True)]
+        us = [
+            lip.power_iteration(getval(W), getval(u), n_iter)[1]
+            for W, u in zip(params["W"], params["u"], strict=True)
+        ]
         return {**params, "u": us}
 
     # -- the normalised map ---------------------------------------------------------------------
@@ -495,8 +528,9 @@ class IResBlock(Bijection):
         out, sigmas = [], []
         for i, W in enumerate(Ws):
             if power:
-                Wn, _, sigma = lip.spectral_normalize(W, getval(params["u"][i]), self.coeff,
-                                                      self.n_power_iterations)
+                Wn, _, sigma = lip.spectral_normalize(
+                    W, getval(params["u"][i]), self.coeff, self.n_power_iterations
+                )
             else:
                 xp = array_namespace(W)
                 sigma = lip.spectral_norm(W)
@@ -534,7 +568,8 @@ class IResBlock(Bijection):
         if self.check_lipschitz:
             L = self._certified_L(Wn)
             self._require_contraction(
-                L, "the block is not certified invertible and its log-det series may diverge")
+                L, "the block is not certified invertible and its log-det series may diverge"
+            )
         gx, pre = _mlp(x, Wn, bs, self.activation)
         y = x + gx
         return y, self._logdet(x, Wn, pre, rng)
@@ -558,11 +593,27 @@ class IResBlock(Bijection):
 
         if self.logdet == "series":
             return estimators.power_series_logdet(
-                vjp, n, d, n_terms=self.n_terms, n_probes=self.n_probes, probe=self.probe,
-                rng=rng, dtype=dtype)
+                vjp,
+                n,
+                d,
+                n_terms=self.n_terms,
+                n_probes=self.n_probes,
+                probe=self.probe,
+                rng=rng,
+                dtype=dtype,
+            )
         fn = estimators.neumann_logdet if self.neumann_gradient else estimators.roulette_logdet
-        return fn(vjp, n, d, p=self.roulette_p, n_exact=self.n_exact, n_probes=self.n_probes,
-                  probe=self.probe, rng=rng, dtype=dtype).logdet
+        return fn(
+            vjp,
+            n,
+            d,
+            p=self.roulette_p,
+            n_exact=self.n_exact,
+            n_probes=self.n_probes,
+            probe=self.probe,
+            rng=rng,
+            dtype=dtype,
+        ).logdet
 
     # -- inverse ----------------------------------------------------------------------------------
     def _default_tol(self, dtype):
@@ -573,8 +624,13 @@ class IResBlock(Bijection):
         L = self._certified_L(Wn)
         self._require_contraction(L, "the fixed-point iteration is not a certified contraction")
         dtype = getval(y).dtype
-        spec = _Solve(self.activation, L, self._default_tol(dtype) if tol is None else tol,
-                      self.max_iter if max_iter is None else max_iter, record)
+        spec = _Solve(
+            self.activation,
+            L,
+            self._default_tol(dtype) if tol is None else tol,
+            self.max_iter if max_iter is None else max_iter,
+            record,
+        )
         x = _fixed_point(spec, y, *Wn, *bs)
         return x, spec.info
 
@@ -583,8 +639,15 @@ class IResBlock(Bijection):
         _, ld = self._forward(params, x, rng)
         return x, -ld
 
-    def invert(self, params, y, *, tol: float | None = None, max_iter: int | None = None,
-               record: bool = False):
+    def invert(
+        self,
+        params,
+        y,
+        *,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        record: bool = False,
+    ):
         """The fixed-point inverse alone (no log-det): ``(x, info)``.
 
         Differentiable by autograd in ``params`` and ``y`` (implicit-function theorem). Use it
@@ -612,8 +675,9 @@ class IResBlock(Bijection):
         y = self._validate_x(y, "y")
         d = self._event_shape(params)[0]
         if getval(y).shape[1] != d:
-            raise ValueError(f"`y` must have shape (n, {d}) to match the parameters; "
-                             f"got {getval(y).shape}")
+            raise ValueError(
+                f"`y` must have shape (n, {d}) to match the parameters; got {getval(y).shape}"
+            )
         params = cast_tree(params, getval(y).dtype)
         if tol is not None:
             tol = check_positive(tol, "tol")
@@ -621,8 +685,16 @@ class IResBlock(Bijection):
             max_iter = check_int(max_iter, "max_iter", minimum=1)
         return self._solve(params, y, tol, max_iter, record)
 
-    def inverse_with_info(self, params, y, rng=None, *, tol: float | None = None,
-                          max_iter: int | None = None, record: bool = False):
+    def inverse_with_info(
+        self,
+        params,
+        y,
+        rng=None,
+        *,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        record: bool = False,
+    ):
         """:meth:`inverse` plus what the fixed-point iteration achieved.
 
         Returns

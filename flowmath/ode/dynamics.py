@@ -69,8 +69,7 @@ def _fusable(field, y2d, params) -> bool:
         and 0 < y2d.shape[1] <= FUSED_MAX_DIM
         and type(y2d) is np.ndarray
         and y2d.dtype == np.float64
-        and all(type(v) is np.ndarray and v.dtype == np.float64
-                for p in params for v in p.values())
+        and all(type(v) is np.ndarray and v.dtype == np.float64 for p in params for v in p.values())
     )
 
 
@@ -274,9 +273,9 @@ class MLPDynamics:
         if _fusable(self, np.reshape(y, (-1, d)), params):
             (W0, b0), (W1, b1) = eff
             f, gz, gW0, gb0, gW1, gb1 = _mlp1.mlp1_vjp(
-                np.reshape(y, (-1, d)), np.reshape(a, (-1, d)), W0, b0, W1, b1)
-            grads = [self._pullback(t, params[0], gW0, gb0),
-                     self._pullback(t, params[1], gW1, gb1)]
+                np.reshape(y, (-1, d)), np.reshape(a, (-1, d)), W0, b0, W1, b1
+            )
+            grads = [self._pullback(t, params[0], gW0, gb0), self._pullback(t, params[1], gW1, gb1)]
             return f.reshape(shape), gz.reshape(shape), grads
         last = len(eff) - 1
         hs = [np.reshape(y, (-1, d))]
@@ -423,8 +422,11 @@ class CNFDynamics:
             f, tr, gz, gW0, gb0, gW1, gb1 = _mlp1.cnf1_vjp(z, af, at, W0, b0, W1, b1)
             dydt = np.concatenate([f, tr[:, None]], axis=1)
             a_y = np.concatenate([gz, np.zeros((n, 1))], axis=1)
-            return dydt, a_y, [fld._pullback(t, params[0], gW0, gb0),
-                               fld._pullback(t, params[1], gW1, gb1)]
+            return (
+                dydt,
+                a_y,
+                [fld._pullback(t, params[0], gW0, gb0), fld._pullback(t, params[1], gW1, gb1)],
+            )
         eps = self.probe
         closed = exact and n_hidden == 1
         # forward, keeping what the backward pass needs

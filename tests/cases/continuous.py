@@ -20,9 +20,20 @@ from registry import Case
 import flowmath as fm
 
 CASES = [
-    Case("CNF-exact", lambda: fm.CNF(hidden=(8,), t1=0.5, rtol=1e-10, atol=1e-12), (3,),
-         tol64=1e-9),
-    Case("CNF-exact-squash", lambda: fm.CNF(hidden=(5, 4), t1=0.5, time="concat-squash",
-                                            activation="softplus", rtol=1e-10, atol=1e-12),
-         (2,), tol64=1e-9),
+    Case(
+        "CNF-exact", lambda: fm.CNF(hidden=(8,), t1=0.5, rtol=1e-10, atol=1e-12), (3,), tol64=1e-9
+    ),
+    Case(
+        "CNF-exact-squash",
+        lambda: fm.CNF(
+            hidden=(5, 4),
+            t1=0.5,
+            time="concat-squash",
+            activation="softplus",
+            rtol=1e-10,
+            atol=1e-12,
+        ),
+        (2,),
+        tol64=1e-9,
+    ),
 ]

@@ -18,10 +18,16 @@ for _name, _cls in (("Affine", fm.AffineCoupling), ("Additive", fm.AdditiveCoupl
         Case(f"{_name}Coupling-array-vec", lambda c=_cls: c(_VMASK, hidden=_H), (6,)),
         Case(f"{_name}Coupling-half-img", lambda c=_cls: c(hidden=_H), (2, 4, 4)),
         Case(f"{_name}Coupling-channel-img", lambda c=_cls: c("channel", hidden=_H), (4, 4, 4)),
-        Case(f"{_name}Coupling-checkerboard-img",
-             lambda c=_cls: c("checkerboard", hidden=_H), (2, 4, 4)),
-        Case(f"{_name}Coupling-checkerboard-img-flip",
-             lambda c=_cls: c("checkerboard", hidden=_H, flip=True), (1, 4, 4)),
+        Case(
+            f"{_name}Coupling-checkerboard-img",
+            lambda c=_cls: c("checkerboard", hidden=_H),
+            (2, 4, 4),
+        ),
+        Case(
+            f"{_name}Coupling-checkerboard-img-flip",
+            lambda c=_cls: c("checkerboard", hidden=_H, flip=True),
+            (1, 4, 4),
+        ),
         Case(f"{_name}Coupling-array-img", lambda c=_cls: c(_IMASK, hidden=_H), (2, 4, 4)),
     ]
 # the default constructor must give a working layer (DESIGN 2.1)

@@ -12,7 +12,10 @@ CASES = [
     Case("GlowStep", lambda: fm.GlowStep(hidden=(8,)), (4, 4, 4)),
     Case("GlowStep-plain", lambda: fm.GlowStep(hidden=(8,), lu=False), (2, 4, 4)),
     Case("Glow-2x4x4-L2", lambda: fm.Glow(levels=2, steps=1, hidden=(8,)), (2, 4, 4)),
-    Case("Glow-2x4x4-L2-prior",
-         lambda: fm.Glow(levels=2, steps=1, hidden=(4,), split_prior=True), (2, 4, 4)),
+    Case(
+        "Glow-2x4x4-L2-prior",
+        lambda: fm.Glow(levels=2, steps=1, hidden=(4,), split_prior=True),
+        (2, 4, 4),
+    ),
     Case("Glow-1x2x2-L1K2", lambda: fm.Glow(levels=1, steps=2, hidden=(4, 4)), (1, 2, 2)),
 ]
