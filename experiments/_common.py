@@ -2,8 +2,10 @@
 
 Every experiment module defines a frozen ``Config`` dataclass with a ``quick()`` classmethod, a
 seeded ``run(config) -> dict``, ``plot(results, path)`` and optionally ``tex(results) -> str``.
-``flowmath reproduce`` saves the results with the config and library versions, draws the figure
-into ``figures/NAME.png`` and writes ``paper/generated/NAME.tex``.
+``flowmath reproduce`` saves the results with the config, the settings (``"full"`` or
+``"quick"``) and library versions, draws the figure into ``figures/NAME.png`` and writes
+``paper/generated/NAME.tex`` (quick settings: ``figures/quick/`` and ``paper/generated/quick/``;
+see :mod:`flowmath.cli`). A new experiment inherits all of this by following the protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "check_config",
+    "config_dict",
     "fit_loglog_slope",
     "fit_slope",
     "load_results",
@@ -58,10 +62,18 @@ def _jsonable(obj):
     return obj
 
 
-def save_results(results: dict, config, path: Path) -> None:
-    """Write ``results`` with the config and the versions that produced them as JSON."""
+def config_dict(config) -> dict:
+    """``config`` as it reads back from a results file (a dataclass as a dict; tuples as lists)."""
+    raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return json.loads(json.dumps(_jsonable(raw)))
+
+
+def save_results(results: dict, config, path: Path, settings: str | None = None) -> None:
+    """Write ``results`` with the config, the settings name (``"full"``, ``"quick"``) and the
+    versions that produced them as JSON."""
     payload = {
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "settings": settings,
         "versions": versions(),
         "results": results,
     }
@@ -75,6 +87,35 @@ def load_results(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no saved results at {path}: run the experiment first")
     return json.loads(path.read_text())["results"]
+
+
+def check_config(path: Path, config, settings: str = "full") -> None:
+    """Raise ``ValueError`` unless the results saved at ``path`` were made with ``config``.
+
+    ``flowmath reproduce --replot`` calls this, so that a figure is never redrawn from results
+    of other settings (quick results under a full-settings name, or a config edited since).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved results at {path}: run the experiment first")
+    saved = json.loads(path.read_text())
+    want = config_dict(config)
+    have = saved.get("config")
+    if have != want:
+        keys = sorted(set(want) | set(have or {}))
+        diff = ", ".join(
+            f"{k}: saved {(have or {}).get(k)!r}, expected {want.get(k)!r}"
+            for k in keys
+            if (have or {}).get(k) != want.get(k)
+        )
+        raise ValueError(
+            f"`{path}` holds results of another config than the experiment's {settings} "
+            f"settings ({diff}); rerun without --replot, or replot with the matching --quick"
+        )
+    if saved.get("settings") not in (None, settings):
+        raise ValueError(
+            f"`{path}` holds {saved['settings']} results; expected {settings} settings"
+        )
 
 
 def setup_matplotlib():

@@ -1,4 +1,20 @@
-"""The ``flowmath`` command: ``flowmath list`` and ``flowmath reproduce [NAME ...] [--quick]``."""
+"""The ``flowmath`` command: ``flowmath list`` and ``flowmath reproduce [NAME ...] [--quick]``.
+
+Where ``reproduce`` writes (paths relative to the working directory):
+
+==========================  ==========================  ================================
+command                     figures and results         generated LaTeX tables
+==========================  ==========================  ================================
+``reproduce``               ``figures/``                ``paper/generated/``
+``reproduce --quick``       ``figures/quick/``          ``paper/generated/quick/``
+``... --out DIR``           ``DIR``                     ``DIR`` (unless ``--tex-dir``)
+==========================  ==========================  ================================
+
+Quick settings therefore never overwrite the committed full-settings figures, results and tables
+(``figures/quick/`` and ``paper/generated/quick/`` are git-ignored). ``--replot`` redraws from the
+results saved in the figures folder and refuses results whose saved config is not the
+experiment's ``Config()`` (or ``Config.quick()`` with ``--quick``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["FULL_DIRS", "QUICK_DIRS", "main", "output_dirs"]
 
 
 def _experiments():
@@ -30,8 +46,25 @@ def _cmd_list(args) -> int:
     return 0
 
 
+#: Default output folders, full and quick settings: (figures and results, generated tables).
+FULL_DIRS = (Path("figures"), Path("paper/generated"))
+QUICK_DIRS = (Path("figures/quick"), Path("paper/generated/quick"))
+
+
+def output_dirs(quick: bool, out=None, tex_dir=None) -> tuple[Path, Path]:
+    """The folders ``reproduce`` writes to: ``(figures and results, generated tables)``.
+
+    Without ``out`` the defaults of the settings (:data:`FULL_DIRS`, :data:`QUICK_DIRS`); with
+    ``out`` everything goes there, tables included, unless ``tex_dir`` names their folder.
+    """
+    default_out, default_tex = QUICK_DIRS if quick else FULL_DIRS
+    if out is None:
+        return default_out, Path(tex_dir) if tex_dir is not None else default_tex
+    return Path(out), Path(tex_dir) if tex_dir is not None else Path(out)
+
+
 def _cmd_reproduce(args) -> int:
-    from experiments._common import load_results, save_results
+    from experiments._common import check_config, load_results, save_results
 
     exps = _experiments()
     names = args.names or exps.available()
@@ -39,30 +72,30 @@ def _cmd_reproduce(args) -> int:
     if unknown:
         print(f"unknown experiment(s): {', '.join(unknown)}; see `flowmath list`", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out, tex_dir = output_dirs(args.quick, args.out, args.tex_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tex_dir = Path(args.tex_dir)
+    settings = "quick" if args.quick else "full"
     failures = []
     for name in names:
         module = exps.load(name)
         config = module.Config.quick() if args.quick else module.Config()
-        mode = (
-            "re-plotting saved results"
-            if args.replot
-            else (f"running ({'quick' if args.quick else 'full'} settings)")
-        )
+        mode = "re-plotting saved results" if args.replot else f"running ({settings} settings)"
         print(f"[{name}] {mode} ...", flush=True)
         start = time.perf_counter()
         try:
             if args.replot:
+                check_config(out / f"{name}.json", config, settings)
                 results = load_results(out / f"{name}.json")
             else:
                 results = module.run(config)
-                save_results(results, config, out / f"{name}.json")
+                save_results(results, config, out / f"{name}.json", settings=settings)
             module.plot(results, out / f"{name}.png")
             if hasattr(module, "tex"):
                 tex_dir.mkdir(parents=True, exist_ok=True)
-                (tex_dir / f"{name}.tex").write_text(module.tex(results))
+                table = module.tex(results)
+                if args.quick:  # a quick table never passes for the paper's
+                    table = "% QUICK SETTINGS (Config.quick()): not the paper's numbers\n" + table
+                (tex_dir / f"{name}.tex").write_text(table)
         except Exception as exc:  # report, go on with the others, fail at the end
             failures.append(name)
             print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -88,17 +121,22 @@ def main(argv=None) -> int:
     p_rep.add_argument("names", nargs="*", help="experiments to run (default: all)")
     p_rep.add_argument("--quick", action="store_true", help="quick settings (minutes on a laptop)")
     p_rep.add_argument(
-        "--out", default="figures", help="figure and results folder (default: figures)"
+        "--out",
+        default=None,
+        help="folder for figures, results and (unless --tex-dir) tables "
+        "(default: figures, or figures/quick with --quick)",
     )
     p_rep.add_argument(
         "--tex-dir",
-        default="paper/generated",
-        help="folder for generated LaTeX (default: paper/generated)",
+        default=None,
+        help="folder for generated LaTeX (default: --out if given, else paper/generated, "
+        "or paper/generated/quick with --quick)",
     )
     p_rep.add_argument(
         "--replot",
         action="store_true",
-        help="redraw figures and tables from the results saved in --out (no recomputation)",
+        help="redraw figures and tables from the results saved in the figures folder (no "
+        "recomputation); the saved config must be the experiment's (quick with --quick)",
     )
     p_rep.add_argument(
         "--raise",
