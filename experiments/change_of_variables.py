@@ -244,15 +244,17 @@ def _run_2d(config, rng):
         # isinstance(params, list), which an autograd SequenceBox is not
         return -anp.mean(flow.log_prob([p[i] for i in range(len(p))], batch))
 
-    params, history = fm.train.fit(
+    params, result = fm.train.fit(
         loss,
         params,
         data,
         rng=rng,
         steps=config.train_steps,
         batch_size=config.train_batch,
-        lr=config.train_lr,
+        optimizer=fm.train.Adam(config.train_lr),
+        progress=False,
     )
+    history = result.train_loss
     nmax = max(config.sizes)
     samples = flow.sample(params, nmax, rng)
     x0, x1, y0, y1 = config.extent_2d

@@ -103,9 +103,17 @@ def run(config: Config) -> dict:
     def loss(p, batch, _rng):
         return -anp.mean(flow.log_prob(p, batch))
 
-    params, history = fm.train.fit(
-        loss, params, data, rng=rng, steps=config.steps, batch_size=config.batch, lr=config.lr
+    params, result = fm.train.fit(
+        loss,
+        params,
+        data,
+        rng=rng,
+        steps=config.steps,
+        batch_size=config.batch,
+        optimizer=fm.train.Adam(config.lr),
+        progress=False,
     )
+    history = result.train_loss
     test = sample_mixture(4000, rng)
     out = {
         "history": history[:: max(1, config.steps // 200)].tolist(),
