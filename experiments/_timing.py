@@ -1,6 +1,6 @@
 """Timing plumbing shared by the benchmarks (``bench_*``) and the timed experiments.
 
-The machines are shared and noisy (``BENCHMARKS.md``): absolute times drift, so contenders are
+The machines are shared and noisy (``docs/benchmarks.rst``): absolute times drift, so contenders are
 compared only within one process. The protocol these helpers implement:
 
 1. fix the thread counts: BLAS through :func:`thread_env_defaults` (before NumPy is imported),
@@ -133,7 +133,7 @@ def import_baselines(
 
 
 def warm_allocator(mib: int = 32) -> None:
-    """Allocate, touch and free ``mib`` MiB once (``BENCHMARKS.md``): the allocator's state
+    """Allocate, touch and free ``mib`` MiB once (``docs/benchmarks.rst``): the allocator's state
     moves timings by up to 3x, and this leaves it settled for every contender alike."""
     import numpy as np
 

@@ -49,7 +49,7 @@ from experiments._timing import (
     warm_allocator,
 )
 
-# 2 threads for every library (BENCHMARKS.md); FLOWMATH_BENCH_THREADS overrides (on an
+# 2 threads for every library (docs/benchmarks.rst); FLOWMATH_BENCH_THREADS overrides (on an
 # oversubscribed machine 1 thread gives steadier figures). Effective only if numpy is not loaded.
 THREADS = int(os.environ.get("FLOWMATH_BENCH_THREADS", "2"))
 thread_env_defaults(THREADS)

@@ -1,4 +1,4 @@
-"""ODE benchmarks W1-W4 of BENCHMARKS.md: flowmath against scipy, torchdiffeq and autograd.
+"""ODE benchmarks W1-W4 of docs/benchmarks.rst: flowmath against scipy, torchdiffeq and autograd.
 
 W1  forward solve of f(t, z) = W2 tanh(W1 z + b1 + t u) + b2, z in R^2, hidden 64, batch 1024,
     t: 0 -> 1, Dormand-Prince 5(4), rtol 1e-5, atol 1e-7
@@ -13,7 +13,7 @@ W4  forward CNF solve with Hutchinson (Gaussian) divergence against d in {2, 8, 
     random fixed MLP (one hidden layer of min(4d, 512) units, tanh), batch 256, dopri5 1e-5
     (``torchdiffeq.odeint`` with FFJORD's vector-Jacobian divergence).
 
-Timing protocol (BENCHMARKS.md): one process, ~32 MiB allocated and freed at start, a warm-up
+Timing protocol (docs/benchmarks.rst): one process, ~32 MiB allocated and freed at start, a warm-up
 call of every contender, then rounds alternating flowmath and each baseline (A B A B ...);
 the ratio of every round is baseline time / flowmath time, and the table reports the median
 of the ratios with the median times. Baselines are skipped with a message when absent.
@@ -403,7 +403,7 @@ def main(argv=None):
         "--threads",
         type=int,
         default=2,
-        help="threads for torch and for NumPy's BLAS (BENCHMARKS.md: 2)",
+        help="threads for torch and for NumPy's BLAS (docs/benchmarks.rst: 2)",
     )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)

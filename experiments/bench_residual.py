@@ -1,6 +1,6 @@
 """W6: an i-ResNet block on d = 784 against plain torch in the same process.
 
-Workload (``BENCHMARKS.md`` W6): ``g = W2 ELU(W1 x + b1) + b2``, hidden 1568, spectral norm with
+Workload (docs/benchmarks.rst W6): ``g = W2 ELU(W1 x + b1) + b2``, hidden 1568, spectral norm with
 ``c = 0.9`` and one power iteration per call (state carried), log-det by 10 power-series terms
 with one Gaussian probe, batch 256, float32.
 

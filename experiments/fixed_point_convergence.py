@@ -13,7 +13,7 @@ Two maps per ``c`` in {0.5, 0.7, 0.9, 0.99}, both ``IResBlock`` s with certified
 * an MLP: ``g = W2 ELU(W1 x + b1) + b2`` with both weights normalised to ``sqrt(c)`` (exact
   SVD normalisation), random weights, errors reported relative to ``||x^0 - x*||``.
 
-The iterations to 1e-6 are compared with REFERENCES.md's "about 20, 39, 131, 1375", which are
+The iterations to 1e-6 are compared with docs/theory.rst's "about 20, 39, 131, 1375", which are
 ``ceil(log 1e-6 / log c)`` — the *true* error of the worst case with unit starting error; the
 a priori bound needs ``log(1/(1-c)) / log(1/c)`` more iterations (its ``1/(1-L)`` factor).
 """

@@ -13,9 +13,9 @@ compared with ``slogdet`` of the dense ``(c h w) x (c h w)`` Jacobian, built col
 by pushing the identity through the layer (exact for a linear map; cross-checked against
 autograd's Jacobian at the smallest ``c``). float64 and float32. Then the costs: the log-det
 alone (``O(c)`` against ``O(c^3)``), forward with log-det, and inverse, LU against plain; and
-the W7 workload of BENCHMARKS.md (256 x 48 x 16 x 16, float32, forward with log-det) against
+the W7 workload of docs/benchmarks.rst (256 x 48 x 16 x 16, float32, forward with log-det) against
 plain torch when torch is installed, timed in alternation (A B A B), median of ratios, once
-with 2 threads for both libraries (as BENCHMARKS.md asks) and once in a child process with
+with 2 threads for both libraries (as docs/benchmarks.rst asks) and once in a child process with
 single-threaded BLAS and torch (``Config.blas_threads``), where the sweep over ``c`` runs too:
 on a shared, oversubscribed machine multi-threaded BLAS timings are mostly scheduler noise.
 
@@ -84,8 +84,8 @@ def _rel(a, ref):
 
 
 def _w7(config, threads=2):
-    """BENCHMARKS.md W7: 1x1 conv on 256 x 48 x 16 x 16 float32, forward with log-det; torch
-    gets ``threads`` threads (BENCHMARKS.md: 2 for every library)."""
+    """docs/benchmarks.rst W7: 1x1 conv on 256 x 48 x 16 x 16 float32, forward with log-det; torch
+    gets ``threads`` threads (docs/benchmarks.rst: 2 for every library)."""
     rng = np.random.default_rng(config.seed + 7)
     n, c, h, w = 256, 48, 16, 16
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
@@ -124,7 +124,7 @@ def _w7(config, threads=2):
         out["max_abs_diff_vs_torch"] = float(np.abs(y_t - lu_layer.forward(params, x)[0]).max())
         fns["torch LU"] = torch_lu
         fns["torch plain"] = torch_plain
-    warm_allocator()  # allocate and free ~32 MiB once (BENCHMARKS.md)
+    warm_allocator()  # allocate and free ~32 MiB once (docs/benchmarks.rst)
     times = alternate(fns, config.w7_repeats, min_time=1e-2)
     out["median_ms"] = {k: median_ms(s) for k, s in times.items()}
     if torch is not None:

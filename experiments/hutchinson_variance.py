@@ -12,7 +12,7 @@ than Hutchinson until the sketch rank m/3 approaches the dimension.
 Two matrices: a symmetric positive semi-definite one with eigenvalues i^-decay (random
 eigenvectors) and a dense Gaussian one (flat spectrum, where the sketch gains little). For each
 budget m the variance over ``trials`` independent estimates is measured with a 95 % interval from
-the sample fourth moment. A reference check repeats REFERENCES.md's single-probe comparison on a
+the sample fourth moment. A reference check repeats docs/theory.rst's single-probe comparison on a
 random 6 x 6 matrix (4e5 probes).
 """
 

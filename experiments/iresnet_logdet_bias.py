@@ -7,7 +7,7 @@ below the bound) and one with aligned weights W1 = c U, W2 = c Q U^T (norms clos
 For ``n_inputs`` inputs x_i ~ N(0, I) the power-series estimator (one Gaussian probe shared by
 all terms, Behrmann et al. 2019, arXiv:1811.00995) is evaluated ``n_reps`` times per input for
 n = 1..max_terms terms (the same probes for every n) and compared with the exact
-log det(I + J_i) from dense Jacobians: bias (truth minus mean, as REFERENCES.md, averaged over
+log det(I + J_i) from dense Jacobians: bias (truth minus mean, as docs/theory.rst, averaged over
 inputs) -- exactly, as the estimator's mean over the isotropic probe set {sqrt(d) e_j}, and by
 Monte Carlo -- and standard deviation (pooled within inputs) against sqrt(2 ||sym M_n(J_i)||_F^2).
 
@@ -158,7 +158,7 @@ def _roulette(make_vjp, jac, cfg: Config, rng, linear_J=None):
 
 
 def _reference_check(cfg: Config):
-    """REFERENCES.md: d = 6, ||J|| = 0.7, bias at n = 1, 2, 5, 10, 20; std plateau. Our matrices:
+    """docs/theory.rst: d = 6, ||J|| = 0.7, bias at n = 1, 2, 5, 10, 20; std plateau. Our matrices:
     0.7 G / ||G||_2 with G Gaussian, over ``ref_seeds`` seeds (the reference's seed is unknown)."""
     ns = [1, 2, 5, 10, 20]
     rows = []
@@ -394,11 +394,11 @@ def tex(results: dict) -> str:
         ["std plateau", ref["reference_std"], ref["std_median"], ref["std_q10"], ref["std_q90"]]
     )
     t3 = tex_table(
-        ["$n$", "REFERENCES", "median", "10\\%", "90\\%"],
+        ["$n$", "quoted", "median", "10\\%", "90\\%"],
         rows,
         caption="Exact $|$bias$|$ of the power series for $d = 6$, "
         "$J = 0.7\\,G/\\|G\\|_2$ with Gaussian $G$, over seeds, against "
-        "the values quoted in REFERENCES.md (seed unknown).",
+        "the values quoted in the lecture notes (seed unknown; docs/theory.rst).",
         label="tab:iresnet-reference",
         fmt="{:.2g}",
     )

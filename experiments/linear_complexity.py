@@ -1,6 +1,6 @@
 """Complexity of the inverse and the log-det of every linear layer and convolution, measured.
 
-REFERENCES.md promises a cost for the inverse and for the log-determinant of each linear layer
+docs/theory.rst's table gives a cost for the inverse and the log-determinant of each linear layer
 and convolution. Here each is timed over a range of sizes (median of repeats, each repeat looped
 to last at least ``min_time``), the slope of log(time) against log(size) is fitted by least
 squares, and the fitted exponents are tabulated beside the table's. Because a cost model such as
@@ -541,7 +541,7 @@ def tex(results: dict) -> str:
     caption = (
         "Measured complexity exponents: least-squares slope of log(time) against "
         "log(size) (fitted to the medians, and to the minima over the repeats), beside "
-        "the cost in REFERENCES.md's table, the operation count of the implementation "
+        "the cost in the lecture's table, the operation count of the implementation "
         "and the slope that count has over the same sizes "
         f"(shared CPU, {blas})."
     )

@@ -1,6 +1,6 @@
 """flowmath: the mathematics of normalizing flows, verified numerically.
 
-Public names only; see ``DESIGN.md`` section 2 for the contract.
+Public names only; see ``docs/design.rst`` (the public contract) for the contract.
 """
 
 from . import data, dequantize, estimators, lipschitz, nets, ode, testing, train

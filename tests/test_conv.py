@@ -91,7 +91,7 @@ def test_periodic_c1_dft_eigenvectors_closed_form(rng, h, w):
 
 @pytest.mark.parametrize("c, h, w, k", [(3, 5, 4, 3), (2, 4, 4, 3), (2, 3, 5, 5), (3, 2, 2, 3)])
 def test_periodic_fourier_logdet_matches_dense_slogdet(rng, c, h, w, k):
-    """REFERENCES.md: dense slogdet and the Fourier sum agree (1e-6 quoted at c=3, h=5, w=4,
+    """docs/theory.rst: dense slogdet and the Fourier sum agree (1e-6 quoted at c=3, h=5, w=4,
     3x3; float64 gives ~1e-14). A kernel of N(0, 1) taps, not the tame init; k = 5 > h wraps."""
     layer = fm.PeriodicConv2d(kernel_size=k)
     params = {"weight": rng.normal(size=(c, c, k, k))}

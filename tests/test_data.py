@@ -1,5 +1,5 @@
 """Toy densities (against FFJORD's shapes via Gaussian NLLs), bundled real data (against the
-test-split bits/dim baselines of REFERENCES.md) and the MNIST file loaders."""
+test-split bits/dim baselines of docs/theory.rst) and the MNIST file loaders."""
 
 import gzip
 import math
@@ -14,7 +14,7 @@ from flowmath.dequantize import bits_per_dim, uniform_dequantize
 
 Z = 4.0
 
-# REFERENCES.md: NLL (nats) of a full-covariance Gaussian fitted to each toy density
+# docs/theory.rst: NLL (nats) of a full-covariance Gaussian fitted to each toy density
 GAUSSIAN_NLL = {
     "8gaussians": 4.26,
     "checkerboard": 4.50,
@@ -86,10 +86,10 @@ def test_per_name_functions_are_the_toy_samplers():
 
 @pytest.mark.parametrize("name", sorted(GAUSSIAN_NLL))
 def test_gaussian_nll_matches_references(name):
-    # REFERENCES' column is quoted to 2 decimals and is itself an estimate: the population
+    # docs/theory.rst's column is quoted to 2 decimals and is itself an estimate: the population
     # values (closed forms in the test below) sit up to 0.006 under it. Measured here at n = 2e5:
     # 8gaussians 4.255, checkerboard 4.495, circles 3.892, rings 3.590, moons 3.294,
-    # swissroll 3.466 (REFERENCES 3.48), 2spirals 3.747 (REFERENCES 3.76).
+    # swissroll 3.466 (quoted 3.48), 2spirals 3.747 (quoted 3.76).
     x = data.toy(name, 200_000, np.random.default_rng(2))
     nll = gaussian_nll(np.cov(x, rowvar=False))
     assert abs(nll - GAUSSIAN_NLL[name]) < 0.02
@@ -165,7 +165,7 @@ def test_split_is_sklearns_train_test_split(loader, n):
 
 
 def _baselines(loader, levels):
-    """Test-split baselines in bits/dim, REFERENCES' procedure: uniform; per-pixel histogram
+    """Test-split baselines in bits/dim, docs/theory.rst's procedure: uniform; per-pixel histogram
     with add-one (Laplace) smoothing; diagonal and full Gaussians (unbiased covariance) fitted to
     the uniformly dequantised training set and scored on the dequantised test set, with
     ``default_rng(0)`` drawing the training set's noise first."""

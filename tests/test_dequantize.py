@@ -69,7 +69,7 @@ def test_uniform_density_scores_log2_levels_bits(levels, rng):
 
 
 def test_nice_mnist_bits_per_dim():
-    # NICE reports a log-likelihood of 1980.50 nats on MNIST rescaled to [0, 1]^784 (REFERENCES)
+    # NICE: a log-likelihood of 1980.50 nats on MNIST rescaled to [0, 1]^784 (docs/theory.rst)
     assert abs(bits_per_dim(1980.50, 784, levels=256) - 4.356) < 5e-4
     # and the two forms of the helper are the same conversion
     assert bits_per_dim(1980.50, 784, levels=256) == pytest.approx(

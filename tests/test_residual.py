@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import flowmath as fm
 from flowmath.layers.residual import FixedPointError, solve_fixed_point
 
-# REFERENCES.md: iterations to 1e-6 "about 20, 39, 131, 1375" for c = 0.5, 0.7, 0.9, 0.99
+# docs/theory.rst: iterations to 1e-6 "about 20, 39, 131, 1375" for c = 0.5, 0.7, 0.9, 0.99
 REFERENCE_ITERS = {0.5: 20, 0.7: 39, 0.9: 131, 0.99: 1375}
 
 

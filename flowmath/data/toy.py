@@ -4,7 +4,7 @@ The shapes, scales and noise levels follow FFJORD's ``lib/toy_data.py`` (Grathwo
 arXiv:1810.01367), re-implemented so that every draw comes from a ``numpy.random.Generator``
 passed in (the original mixes a ``RandomState`` argument with NumPy's global state and
 scikit-learn's generators). The best achievable test NLL (the entropy) and the NLL of a
-full-covariance Gaussian quoted in ``REFERENCES.md`` therefore apply to these samplers.
+full-covariance Gaussian quoted in ``docs/theory.rst`` therefore apply to these samplers.
 
 One difference is deliberate: FFJORD's ``rings``, ``circles``, ``moons`` and ``pinwheel`` place
 their points *stratified* (evenly spaced angles, equal numbers per component). Here every sample

@@ -2,7 +2,7 @@
 
 Trace estimators (:mod:`flowmath.estimators.trace`) see a matrix through ``matvec(V)`` (vectors
 as rows); log-det estimators for residual blocks (:mod:`flowmath.estimators.logdet`) see a batch
-of Jacobians through ``vjp(V)`` (row ``i`` for sample ``i``). See DESIGN.md section 2.4.
+of Jacobians through ``vjp(V)`` (row ``i`` for sample ``i``). See docs/design.rst (Estimators).
 """
 
 from .logdet import (

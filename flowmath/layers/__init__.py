@@ -1,4 +1,4 @@
-"""Invertible layers with tractable log-determinants (the layer contract, DESIGN.md 2.1)."""
+"""Invertible layers with tractable log-determinants (the layer contract, docs/design.rst)."""
 
 from .base import Bijection, Chain
 from .continuous import CNF

@@ -1,7 +1,7 @@
 """Invertible convolutions on images ``(n, c, h, w)``: Glow's 1x1 convolution, the periodic
 (circular) convolution inverted in the Fourier domain, and the emerging convolution.
 
-Costs per sample, ``d = c h w`` (REFERENCES.md's table):
+Costs per sample, ``d = c h w`` (the table of docs/theory.rst):
 
 * ``InvConv1x1``: forward ``O(c^2 h w)`` (one BLAS product), inverse ``O(c^3 + c^2 h w)``,
   log-det ``O(c)`` with LU, ``O(c^3)`` with a full matrix;

@@ -10,7 +10,7 @@ layer                  inverse             log-det
 FullLinear             O(d^3) (LU solve)   O(d^3) (slogdet)
 DiagonalLinear         O(d)                O(d)
 TriangularLinear       O(d^2) (subst.)     O(d) (diagonal)
-BlockDiagonalLinear    O(c^3 d) (blocks)   O(c^3 d)
+BlockDiagonalLinear    O(c^2 d) (blocks)   O(c^2 d)
 LULinear               O(d^2) (two subst.) O(d): sum log|s|
 =====================  ==================  ====================
 
@@ -172,7 +172,7 @@ class BlockDiagonalLinear(Bijection):
     """Block-diagonal ``W = diag(W_1, ..., W_{d/c})`` with dense ``c x c`` blocks.
 
     Inverse and log-det cost O(c^3 d / c) = O(c^2 d) for the factorisations plus O(c d) per
-    sample; REFERENCES.md bounds both by O(c^3 d).
+    sample; the lecture's O(c^3 d) (docs/theory.rst) is an upper bound.
 
     Parameters
     ----------

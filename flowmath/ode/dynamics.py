@@ -1,6 +1,6 @@
 """Built-in time-dependent MLP dynamics for neural ODEs and CNFs, with hand-written fused VJPs.
 
-Two dynamics objects follow the solver's protocol (DESIGN.md 2.3): ``f(t, y, params) -> dy/dt``
+Two dynamics objects follow the solver's protocol (docs/design.rst): ``f(t, y, params) -> dy/dt``
 and a fused ``f.vjp(t, y, params, a) -> (dy/dt, a^T df/dy, a^T df/dparams)`` that the adjoint
 modes call instead of tracing ``f`` with autograd.
 
