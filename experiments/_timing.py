@@ -59,29 +59,17 @@ def thread_env_defaults(threads: int) -> None:
 
 
 def blas_threads(n: int) -> int | None:
-    """Set the thread count of the OpenBLAS that NumPy loaded (via its exported setter, found in
-    ``/proc/self/maps``); returns the previous count, or ``None`` where that is not possible.
-    Environment variables are read only when NumPy is first imported, too late for a module
-    that the ``flowmath`` command imports."""
-    import ctypes
-    import re
+    """Set the thread count of every BLAS loaded in this process (NumPy's and SciPy's) with
+    threadpoolctl; returns the previous count of the first one, or ``None`` when no BLAS is
+    loaded. Environment variables are read only when NumPy is first imported, too late for a
+    module that the ``flowmath`` command imports."""
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted(set(re.findall(r"\S*openblas\S*\.so\S*", fh.read())))
-    except OSError:
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    if not blas:
         return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    old = int(get())
-                    set_(ctypes.c_int(int(n)))
-                    return old
-    return None
+    threadpool_limits(limits=int(n), user_api="blas")
+    return int(blas[0]["num_threads"])
 
 
 def in_child_process(fn: Callable, arg, threads: int | None):
