@@ -5,12 +5,12 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 from hypothesis import given
 from hypothesis import strategies as st
 from registry import all_cases
 
 import flowmath as fm
+from flowmath.testing import check_grads
 
 CASES = all_cases()
 IDS = [c.id for c in CASES]

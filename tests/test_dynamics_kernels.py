@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 
 from flowmath.kernels import cnf_tanh
+from flowmath.testing import check_grads
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -11,13 +11,13 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
 from flowmath import estimators as est
 from flowmath.estimators.logdet import _roulette_coef
+from flowmath.testing import check_grads
 
 Z = 4.0  # two-sided z threshold of every statistical test here
 

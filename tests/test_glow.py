@@ -5,10 +5,9 @@ factored-out variable (against a dense-Jacobian computation)."""
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 
 import flowmath as fm
-from flowmath.testing import dense_jacobian
+from flowmath.testing import check_grads, dense_jacobian
 
 LOG2PI = np.log(2 * np.pi)
 

@@ -5,9 +5,9 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 
 from flowmath import nets
+from flowmath.testing import check_grads
 
 
 def _conv_reference(x, W, b):
