@@ -9,11 +9,10 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 
 import flowmath as fm
 from flowmath.kernels import emerging
-from flowmath.testing import dense_jacobian
+from flowmath.testing import check_grads, dense_jacobian
 
 RTOL = 1e-12  # exact identities in float64, relative to max(1, |reference|)
 

@@ -7,7 +7,6 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 from scipy import integrate
 from scipy.stats import norm
 
@@ -19,6 +18,7 @@ from flowmath.dequantize import (
     importance_weighted_log_prob,
     uniform_dequantize,
 )
+from flowmath.testing import check_grads
 from flowmath.train import Adam, tree_map
 
 Z = 4.0  # z-score of every statistical assertion below (fixed seeds)

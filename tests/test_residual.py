@@ -8,12 +8,12 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd.test_util import check_grads
 from hypothesis import given
 from hypothesis import strategies as st
 
 import flowmath as fm
 from flowmath.layers.residual import FixedPointError, solve_fixed_point
+from flowmath.testing import check_grads
 
 # docs/theory.rst: iterations to 1e-6 "about 20, 39, 131, 1375" for c = 0.5, 0.7, 0.9, 0.99
 REFERENCE_ITERS = {0.5: 20, 0.7: 39, 0.9: 131, 0.99: 1375}
