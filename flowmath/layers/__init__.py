@@ -1,5 +1,6 @@
 """Invertible layers with tractable log-determinants (the layer contract, docs/design.rst)."""
 
+from .autoregressive import IAF, MAF
 from .base import Bijection, Chain
 from .continuous import CNF
 from .conv import EmergingConv2d, InvConv1x1, PeriodicConv2d
@@ -23,11 +24,13 @@ __all__ = [
     "FullLinear",
     "Glow",
     "GlowStep",
+    "IAF",
     "IResBlock",
     "InvConv1x1",
     "LULinear",
     "LeakyReLU",
     "Logit",
+    "MAF",
     "PeriodicConv2d",
     "Sigmoid",
     "Squeeze",
