@@ -77,13 +77,17 @@ def _weighted_series_moments(C, first_weight_index, p, n_exact, n_probes, probe)
     E w_k w_j = 1 / P(N >= min(k, j) - m), P(N >= j) = (1 - p)^(max(j, 1) - 1)."""
     ks = first_weight_index + np.arange(len(C))
     surv = (1.0 - p) ** (np.maximum(ks - n_exact, 1) - 1)
-    tr = np.array([np.trace(c) for c in C])
+    C = np.asarray(C)
+    tr = np.trace(C, axis1=1, axis2=2)
+    S = 0.5 * (C + np.swapaxes(C, 1, 2))
+    cov = 2.0 * np.einsum("aij,bij->ab", S, S)
+    if probe == "rademacher":
+        diag = np.diagonal(C, axis1=1, axis2=2)
+        cov -= 2.0 * diag @ diag.T
     mean = float(np.sum(tr))
-    second = 0.0
-    for a in range(len(C)):
-        for b in range(len(C)):
-            s = surv[min(a, b)]
-            second += (tr[a] * tr[b] + _quadform_cov(C[a], C[b], probe) / n_probes) / s
+    idx = np.arange(len(C))
+    inv_surv = 1.0 / surv[np.minimum(idx[:, None], idx[None, :])]
+    second = float(np.sum((np.outer(tr, tr) + cov / n_probes) * inv_surv))
     return mean, second - mean * mean
 
 

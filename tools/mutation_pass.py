@@ -1,0 +1,375 @@
+"""A mutation pass over flowmath's mathematics: does the test suite catch small deliberate errors?
+
+Each mutation replaces ONE snippet of a library file (it must occur exactly once) by a slightly
+wrong one — a 1 %, 2 % or 5 % bias of an estimator, an inflated bound, a loop that stops one
+iteration early, a wrong tableau coefficient — runs the tests that should catch it, and restores
+the file. It runs on a COPY of the repository (a detached ``git worktree`` of HEAD, so only
+committed code is mutated), never on the working tree, and checks after every mutation that the
+copy is clean again (``git diff --quiet``).
+
+Usage::
+
+    python tools/mutation_pass.py [--keep] [--only SUBSTRING] [--json PATH]
+
+prints one line per mutation (caught / SURVIVED, the seconds it took) and the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = Path("/tmp/flowmath-mutation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+P = "tests/test_power.py"
+R = "tests/test_residual.py"
+REF = "tests/test_references.py"
+EL = "tests/test_estimators_logdet.py"
+ET = "tests/test_estimators_trace.py"
+CNF = "tests/test_cnf.py"
+
+_SERIES = "            return estimators.power_series_logdet("
+_ROUL = "            dtype=dtype,\n        ).logdet"
+_GAUSS = (
+    "            return rng.standard_normal(shape).astype(dtype, copy=False)\n        return (2.0"
+)
+_RADE = "        return (2.0 * rng.integers(0, 2, size=shape) - 1.0).astype(dtype, copy=False)"
+_SURR = "            surrogate = surrogate + (s - getval(s))"
+
+MUTATIONS = [
+    # -- biases of the layer-level stochastic paths (item 1 of issue 10) --------------------
+    *[
+        Mutation(
+            f"IResBlock series log-det x{1 + b}",
+            "flowmath/layers/residual.py",
+            _SERIES,
+            _SERIES.replace("return ", f"return {1 + b!r} * "),
+            (P, R),
+        )
+        for b in (0.01, 0.02, 0.05)
+    ],
+    *[
+        Mutation(
+            f"IResBlock roulette log-det x{1 + b}",
+            "flowmath/layers/residual.py",
+            _ROUL,
+            _ROUL + f" * {1 + b!r}",
+            (P, R),
+        )
+        for b in (0.01, 0.02, 0.05)
+    ],
+    *[
+        Mutation(
+            f"CNF Gaussian probe x{s} (log-det x{s * s:.4f})",
+            "flowmath/layers/continuous.py",
+            _GAUSS,
+            _GAUSS.replace("return rng", f"return {s!r} * rng"),
+            (P, CNF),
+        )
+        for s in (1.005, 1.01, 1.025)
+    ],
+    *[
+        Mutation(
+            f"CNF Rademacher probe +1 -> {1 + b:g} (log-det x{1 + b / 2 + b * b / 4:.4f})",
+            "flowmath/layers/continuous.py",
+            _RADE,
+            _RADE.replace("(2.0 *", f"({2 + b!r} *"),
+            (P, CNF),
+        )
+        for b in (0.02, 0.04, 0.1)
+    ],
+    *[
+        Mutation(
+            f"Neumann gradient x{1 + b}",
+            "flowmath/estimators/logdet.py",
+            _SURR,
+            _SURR.replace("+ (s", f"+ {1 + b!r} * (s"),
+            (P, EL),
+        )
+        for b in (0.01, 0.02, 0.05)
+    ],
+    # -- estimators, their variances and bounds ---------------------------------------------
+    Mutation(
+        "hutchinson_trace x1.01",
+        "flowmath/estimators/trace.py",
+        "    return xp.mean(xp.sum(V * AV, axis=1))",
+        "    return 1.01 * xp.mean(xp.sum(V * AV, axis=1))",
+        (P, ET),
+    ),
+    Mutation(
+        "hutchpp remainder x1.02",
+        "flowmath/estimators/trace.py",
+        "    return sketch + remainder",
+        "    return sketch + 1.02 * remainder",
+        (P, ET),
+    ),
+    Mutation(
+        "Gaussian Hutchinson variance x1.02",
+        "flowmath/estimators/trace.py",
+        "        return 2.0 * fro2",
+        "        return 2.04 * fro2",
+        (ET, EL),
+    ),
+    Mutation(
+        "Rademacher variance: diagonal term x0.98",
+        "flowmath/estimators/trace.py",
+        "    return 2.0 * (fro2 - float(np.sum(np.diag(A) ** 2)))",
+        "    return 2.0 * (fro2 - 0.98 * float(np.sum(np.diag(A) ** 2)))",
+        (ET, EL),
+    ),
+    Mutation(
+        "roulette weights x0.99",
+        "flowmath/estimators/logdet.py",
+        "    coef = np.where(keep, 1.0 / np.where(keep, surv, 1.0), 0.0)",
+        "    coef = np.where(keep, 0.99 / np.where(keep, surv, 1.0), 0.0)",
+        (P, EL),
+    ),
+    Mutation(
+        "geometric survival off by one",
+        "flowmath/estimators/logdet.py",
+        "        return np.power(1.0 - p, np.maximum(k, 1) - 1).astype(np.float64)",
+        "        return np.power(1.0 - p, np.maximum(k, 1)).astype(np.float64)",
+        (EL,),
+    ),
+    Mutation(
+        "series term sign (k+1 -> k on one pass)",
+        "flowmath/estimators/logdet.py",
+        "            total = total + ((-1.0) ** (k + 1) / k) * coef[k - 1] * xp.sum(w * v, axis=1)",
+        "            total = total + ((-1.0) ** (k + 1) / (k + (k == 3))) * coef[k - 1]"
+        " * xp.sum(w * v, axis=1)",
+        (P, EL),
+    ),
+    Mutation(
+        "truncation bound x1.1",
+        "flowmath/estimators/logdet.py",
+        "    return dim * _log_series_tail(L, n_terms)",
+        "    return 1.1 * dim * _log_series_tail(L, n_terms)",
+        (EL, REF),
+    ),
+    Mutation(
+        "truncation bound: one term too few",
+        "flowmath/estimators/logdet.py",
+        "    return dim * _log_series_tail(L, n_terms)",
+        "    return dim * _log_series_tail(L, n_terms + 1)",
+        (EL, REF),
+    ),
+    Mutation(
+        "power_series_bias_std std x1.02",
+        "flowmath/estimators/logdet.py",
+        "        std.append(math.sqrt(hutchinson_variance(M, probe) / n_probes))",
+        "        std.append(1.02 * math.sqrt(hutchinson_variance(M, probe) / n_probes))",
+        (EL, REF),
+    ),
+    Mutation(
+        "roulette_std: second moment x1.01",
+        "flowmath/estimators/logdet.py",
+        "        second += 2.0 * np.sum(pair[:-1]) + pair[-1]",
+        "        second += 1.01 * (2.0 * np.sum(pair[:-1]) + pair[-1])",
+        (EL, REF),
+    ),
+    # -- fixed point and Lipschitz ----------------------------------------------------------
+    Mutation(
+        "fixed point: a-priori bound x10",
+        "flowmath/layers/residual.py",
+        "        a_priori = L**k / (1.0 - L) * d0",
+        "        a_priori = 10 * L**k / (1.0 - L) * d0",
+        (R, REF),
+    ),
+    Mutation(
+        "fixed point: a-posteriori bound x0.5",
+        "flowmath/layers/residual.py",
+        "        a_post = L / (1.0 - L) * _row_norm(x - x_prev)",
+        "        a_post = 0.5 * L / (1.0 - L) * _row_norm(x - x_prev)",
+        (R, REF),
+    ),
+    Mutation(
+        "fixed point: stops one iteration early",
+        "flowmath/layers/residual.py",
+        "        if np.all(bound <= thresh):",
+        "        if np.all(bound * L <= thresh):",
+        (R, REF),
+    ),
+    Mutation(
+        "certified Lipschitz x0.99",
+        "flowmath/layers/residual.py",
+        "        return L * (1.0 + 8 * len(Wn) * np.finfo(np.float64).eps)",
+        "        return 0.99 * L * (1.0 + 8 * len(Wn) * np.finfo(np.float64).eps)",
+        (R, REF),
+    ),
+    Mutation(
+        "gram certificate loses its rounding term",
+        "flowmath/lipschitz.py",
+        "        bound_lam = _up(t + _up(err, 2 * n), 8)",
+        "        bound_lam = lam",
+        ("tests/test_lipschitz.py", REF),
+    ),
+    # -- exact log-dets ----------------------------------------------------------------------
+    Mutation(
+        "LULinear / InvConv1x1 log|s| x1.001",
+        "flowmath/layers/conv.py",
+        '        return hw * xp.linalg.slogdet(params["weight"])[1]',
+        '        return 1.001 * hw * xp.linalg.slogdet(params["weight"])[1]',
+        ("tests/test_conv.py", "tests/test_contract.py", "tests/test_glow.py"),
+    ),
+    Mutation(
+        "periodic conv: one frequency dropped",
+        "flowmath/layers/conv.py",
+        "        return xp.sum(xp.linalg.slogdet(mats)[1])",
+        "        return xp.sum(xp.linalg.slogdet(mats)[1][1:])",
+        ("tests/test_conv.py", "tests/test_contract.py"),
+    ),
+    Mutation(
+        "block-diagonal log-det x1.001",
+        "flowmath/layers/linear.py",
+        "        return anp.sum(anp.linalg.slogdet(W)[1])",
+        "        return 1.001 * anp.sum(anp.linalg.slogdet(W)[1])",
+        ("tests/test_linear_elementwise.py", "tests/test_contract.py"),
+    ),
+    Mutation(
+        "standard normal log-density constant",
+        "flowmath/distributions.py",
+        "        return -0.5 * sum_except_batch(z * z) - 0.5 * d * math.log(2 * math.pi)",
+        "        return -0.5 * sum_except_batch(z * z) - 0.5 * d * math.log(2.01 * math.pi)",
+        ("tests/test_core.py", CNF, "tests/test_dequantize.py"),
+    ),
+    Mutation(
+        "bits/dim shift log K -> log(K+1)",
+        "flowmath/dequantize.py",
+        "    shift = 0.0 if levels is None else dim * math.log(_check_levels(levels))",
+        "    shift = 0.0 if levels is None else dim * math.log(_check_levels(levels) + 1)",
+        ("tests/test_dequantize.py",),
+    ),
+    # -- ODE: tableau and step control --------------------------------------------------------
+    Mutation(
+        "dopri5 c_2 = 1/5 -> 0.21",
+        "flowmath/ode/tableau.py",
+        "    c=[0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0],",
+        "    c=[0.0, 0.21, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0],",
+        ("tests/test_ode.py",),
+    ),
+    Mutation(
+        "rk4 weights 1/6,1/3,1/3,1/6 -> 0.17,...",
+        "flowmath/ode/tableau.py",
+        "    b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],",
+        "    b=[0.17, 1 / 3, 1 / 3, 1 / 6 - 0.0033333333333333335],",
+        ("tests/test_ode.py",),
+    ),
+    Mutation(
+        "step control exponent -1/(q+1) -> -1/q",
+        "flowmath/ode/solve.py",
+        "    exponent = -1.0 / (min(tab.order, tab.embedded_order) + 1)",
+        "    exponent = -1.0 / (min(tab.order, tab.embedded_order))",
+        ("tests/test_ode.py",),
+    ),
+    Mutation(
+        "step control SAFETY 0.9 -> 1.5",
+        "flowmath/ode/solve.py",
+        "SAFETY = 0.9",
+        "SAFETY = 1.5",
+        ("tests/test_ode.py",),
+    ),
+]
+
+
+def _git(*args, cwd=REPO, check=True):
+    return subprocess.run(["git", *args], cwd=cwd, check=check, capture_output=True, text=True)
+
+
+def make_copy(extra_files=()):
+    """A detached worktree of HEAD at COPY (recreated), plus uncommitted ``extra_files``."""
+    if COPY.exists():
+        _git("worktree", "remove", "--force", str(COPY), check=False)
+        shutil.rmtree(COPY, ignore_errors=True)
+    _git("worktree", "prune")
+    _git("worktree", "add", "--detach", str(COPY), "HEAD")
+    for f in extra_files:
+        shutil.copy(REPO / f, COPY / f)
+    return COPY
+
+
+def run_tests(tests, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(COPY))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=COPY, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return True, "timeout"
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    return proc.returncode != 0, tail[0]
+
+
+def apply_and_test(m: Mutation):
+    path = COPY / m.path
+    original = path.read_text()
+    count = original.count(m.old)
+    if count != 1:
+        return None, f"snippet found {count} times"
+    try:
+        path.write_text(original.replace(m.old, m.new))
+        tests = [t for t in m.tests if (COPY / t).exists()]
+        caught, tail = run_tests(tests)
+    finally:
+        path.write_text(original)
+    if _git("diff", "--quiet", cwd=COPY, check=False).returncode != 0:
+        raise RuntimeError(f"the copy is not clean after {m.name!r}")
+    return caught, tail
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="run the mutations whose name contains this")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
+    args = ap.parse_args(argv)
+    make_copy()
+    # the copy must import its own flowmath, not the working tree's editable install
+    env = dict(os.environ, PYTHONPATH=str(COPY))
+    where = subprocess.run(
+        [sys.executable, "-c", "import flowmath; print(flowmath.__file__)"],
+        cwd=COPY, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if not where.startswith(str(COPY)):
+        raise RuntimeError(f"the copy imports flowmath from {where}")
+    rows = []
+    try:
+        for m in MUTATIONS:
+            if args.only and args.only not in m.name:
+                continue
+            t0 = time.perf_counter()
+            caught, tail = apply_and_test(m)
+            dt = time.perf_counter() - t0
+            verdict = "skipped" if caught is None else ("caught" if caught else "SURVIVED")
+            print(f"{verdict:9s} {dt:6.1f}s  {m.name}  [{tail}]", flush=True)
+            rows.append({"name": m.name, "verdict": verdict, "seconds": dt, "tail": tail})
+    finally:
+        if not args.keep:
+            _git("worktree", "remove", "--force", str(COPY), check=False)
+    tried = [r for r in rows if r["verdict"] != "skipped"]
+    caught = [r for r in tried if r["verdict"] == "caught"]
+    print(f"{len(caught)} / {len(tried)} mutations caught")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if len(caught) == len(tried) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
