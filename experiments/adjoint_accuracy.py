@@ -97,9 +97,9 @@ def _mlp_problem(rng, d=2, hidden=16, n=16):
 
 
 def _flat(tree):
-    from flowmath.ode.solve import tree_flatten
+    from flowmath._pytree import leaves
 
-    return np.concatenate([np.ravel(x) for x in tree_flatten(tree)[0]])
+    return np.concatenate([np.ravel(x) for x in leaves(tree)])
 
 
 def _grad_with_stats(f, z0, params, t, loss_of_ys, mode, tol):

@@ -39,6 +39,7 @@ import autograd.numpy as anp
 import numpy as np
 
 import flowmath as fm
+from flowmath._pytree import tree_size
 from flowmath.layers.residual import _mlp
 from flowmath.train import Adam
 
@@ -73,12 +74,9 @@ class Config:
         return cls(dim=16, blocks=2, hidden=(64, 64), batch=128, cycles=15)
 
 
-def _count(tree, skip=("u",)):
-    if isinstance(tree, dict):
-        return sum(_count(v) for k, v in tree.items() if k not in skip)
-    if isinstance(tree, (list, tuple)):
-        return sum(_count(v) for v in tree)
-    return int(np.size(tree))
+def _count(params):
+    """Trained scalars of a chain's parameters: all but the power-iteration vectors ``u``."""
+    return tree_size(params) - tree_size([p.get("u") for p in params if isinstance(p, dict)])
 
 
 def _make_variants(config, rng, x):

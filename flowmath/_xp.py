@@ -15,19 +15,9 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import Box, getval
 
+from ._pytree import leaves
+
 __all__ = ["array_namespace", "getval", "is_box", "leaves", "to_numpy"]
-
-
-def leaves(tree):
-    """Yield the array leaves of a pytree (nested dict / list / tuple)."""
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            yield from leaves(tree[key])
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from leaves(item)
-    elif tree is not None:
-        yield tree
 
 
 def is_box(x) -> bool:

@@ -45,6 +45,9 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from ._checks import check_int, check_rng
+from ._pytree import leaves as _leaves
+from ._pytree import structure as _structure
+from ._pytree import unflatten as _unflatten
 from ._xp import getval
 
 __all__ = [
@@ -77,39 +80,6 @@ def tanh(x):
 defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [leaf for key in sorted(tree) for leaf in _leaves(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for item in tree for leaf in _leaves(item)]
-    return [tree]
-
-
-def _structure(tree):
-    if isinstance(tree, dict):
-        return {key: _structure(tree[key]) for key in sorted(tree)}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_structure(item) for item in tree)
-    return None
-
-
-def _rebuild(structure, leaves, pos=0):
-    """Inverse of :func:`_leaves`: the nested containers of ``structure`` filled with
-    ``leaves`` in order; returns ``(tree, next position)``."""
-    if isinstance(structure, dict):
-        out = {}
-        for key in structure:  # already sorted
-            out[key], pos = _rebuild(structure[key], leaves, pos)
-        return out, pos
-    if isinstance(structure, (list, tuple)):
-        items = []
-        for item in structure:
-            value, pos = _rebuild(item, leaves, pos)
-            items.append(value)
-        return type(structure)(items), pos
-    return leaves[pos], pos + 1
-
-
 @primitive
 def unpack(tree):
     """The leaves of a parameter tree as one tuple (depth first, dict keys sorted).
@@ -127,7 +97,7 @@ def unpack(tree):
 @primitive
 def _pack(leaves, structure):
     """Inverse of :func:`unpack`: the tree of ``structure`` filled with ``leaves``."""
-    return _rebuild(structure, list(leaves))[0]
+    return _unflatten(structure, leaves)
 
 
 def _unpack_vjp(ans, tree):

@@ -58,9 +58,10 @@ def mlp_params(rng, d=2, hidden=8):
 
 
 def tree_leaves(tree):
-    from flowmath.ode.solve import tree_flatten
+    from flowmath._pytree import flatten, unflatten
 
-    return tree_flatten(tree)
+    leaves, struct = flatten(tree)
+    return leaves, lambda new: unflatten(struct, new)
 
 
 # ----------------------------------------------------------------------------- linear: exact

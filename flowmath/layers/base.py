@@ -36,18 +36,14 @@ def sum_except_batch(x):
 
 def cast_tree(tree, dtype):
     """Cast every floating leaf of a pytree to ``dtype`` (autograd-differentiable)."""
-    if isinstance(tree, dict):
-        return {k: cast_tree(v, dtype) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [cast_tree(v, dtype) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(cast_tree(v, dtype) for v in tree)
-    if tree is None:
-        return None
-    raw = getval(tree)
-    if getattr(raw, "dtype", None) is not None and raw.dtype.kind == "f" and raw.dtype != dtype:
-        return tree.astype(dtype)
-    return tree
+
+    def cast(leaf):
+        raw = getval(leaf)
+        if getattr(raw, "dtype", None) is not None and raw.dtype.kind == "f" and raw.dtype != dtype:
+            return leaf.astype(dtype)
+        return leaf
+
+    return tree_map(cast, tree)
 
 
 class Bijection(ABC):
