@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from .._checks import _shape_str, check_array, check_rng
+from .._pytree import tree_map
 from .._xp import array_namespace, getval
 
 __all__ = ["Bijection", "Chain", "sum_except_batch", "cast_tree"]
