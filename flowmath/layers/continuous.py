@@ -9,14 +9,13 @@ import numpy as np
 from .._checks import check_choice, check_positive, check_rng
 from .._xp import array_namespace, getval
 from ..ode.dynamics import ACTIVATIONS, TIME_MODES, CNFDynamics, MLPDynamics
+from ..ode.options import SolverOptions
 from .base import VECTOR, Bijection, cast_tree
 
 __all__ = ["CNF"]
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("gaussian", "rademacher")
-METHODS = ("dopri5", "rk4", "euler")
-ADJOINTS = ("backsolve", "checkpoint", "direct")
 
 
 class CNF(Bijection):
@@ -51,14 +50,19 @@ class CNF(Bijection):
     time : {"concat", "concat-squash"}
         How the MLP sees ``t`` (:class:`flowmath.ode.dynamics.MLPDynamics`).
     activation : {"tanh", "softplus"}
-    method : {"dopri5", "rk4", "euler"}
-        ODE solver; ``rk4`` and ``euler`` need ``step_size``.
+    method : str or ButcherTableau
+        ODE solver (:class:`flowmath.ode.SolverOptions`); a fixed-step one (no embedded pair,
+        e.g. ``rk4``, ``euler``) needs ``step_size``.
     rtol, atol : float
         Tolerances of the adaptive solver (mixed error per component ``atol + rtol |y|``).
-    adjoint : {"backsolve", "checkpoint", "direct"}
-        How gradients are computed (:func:`flowmath.odeint`).
+    adjoint : str or adjoint object
+        How gradients are computed (``"backsolve"``, ``"checkpoint"``, ``"direct"`` or
+        ``fm.ode.Backsolve(...)``, ...; :func:`flowmath.odeint`).
     step_size : float, optional
         Step of the fixed-step methods.
+    options : SolverOptions, optional
+        All the solver settings as one object (then pass none of ``method``, ``rtol``,
+        ``atol``, ``adjoint``, ``step_size``).
     identity_init : bool
         Start from ``f = 0`` (the identity map) instead of a generic random field.
     init_scale : float
@@ -108,6 +112,7 @@ class CNF(Bijection):
         step_size: float | None = None,
         identity_init: bool = False,
         init_scale: float = 1.0,
+        options: SolverOptions | None = None,
     ):
         self.field = MLPDynamics(
             hidden,
@@ -118,20 +123,23 @@ class CNF(Bijection):
         self.t1 = check_positive(t1, "t1")
         self.trace = check_choice(trace, "trace", TRACES)
         self.probe = check_choice(probe, "probe", PROBES)
-        self.method = check_choice(method, "method", METHODS)
-        self.rtol = check_positive(rtol, "rtol")
-        self.atol = check_positive(atol, "atol")
-        self.adjoint = check_choice(adjoint, "adjoint", ADJOINTS)
-        if method != "dopri5":
-            if step_size is None:
-                raise ValueError(f"`step_size` must be given for method={method!r}; got None")
-            step_size = check_positive(step_size, "step_size")
-        elif step_size is not None:
-            raise ValueError(
-                f"`step_size` is for the fixed-step methods only; got {step_size!r} with "
-                "method='dopri5'"
+        if options is None:
+            options = SolverOptions(
+                method=method, rtol=rtol, atol=atol, adjoint=adjoint, step_size=step_size
             )
-        self.step_size = step_size
+        elif not isinstance(options, SolverOptions):
+            raise TypeError(f"`options` must be a SolverOptions; got {type(options).__name__}")
+        if not options.tableau.adaptive and options.step_size is None:
+            # [0, t1] in one step of a fixed-step method is almost never what is meant
+            raise ValueError(
+                f"`step_size` must be given for the fixed-step method={options.tableau.name!r}; "
+                "got None"
+            )
+        self.options = options
+        self.method = options.tableau.name
+        self.rtol, self.atol = options.rtol, options.atol
+        self.adjoint = options.adjoint.name
+        self.step_size = options.step_size
         if not isinstance(identity_init, (bool, np.bool_)):
             raise TypeError(f"`identity_init` must be a bool; got {type(identity_init).__name__}")
         self.identity_init = bool(identity_init)
@@ -179,16 +187,8 @@ class CNF(Bijection):
         return CNFDynamics(self.field, probe)
 
     def solver_options(self) -> dict:
-        """Keyword arguments passed to :func:`flowmath.odeint`."""
-        opts = {
-            "method": self.method,
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "adjoint": self.adjoint,
-        }
-        if self.step_size is not None:
-            opts["step_size"] = self.step_size
-        return opts
+        """Keyword arguments passed to :func:`flowmath.odeint`: ``{"options": SolverOptions}``."""
+        return {"options": self.options}
 
     def _integrate(self, params, x, rng, t0, t1):
         from .. import ode  # the solver package; imported late so its import order is free

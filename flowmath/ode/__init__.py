@@ -2,16 +2,22 @@
 
 ``fm.odeint(f, y0, t, params, *, method="dopri5", rtol=1e-7, atol=1e-9, adjoint="backsolve")``
 returns ``ys`` of shape ``(len(t),) + y0.shape``; ``fm.ode.solve`` takes the same arguments and
-returns an :class:`ODESolution` with the forward counts and, once a gradient has been computed,
-the backward counts in ``solution.backward`` (:class:`BackwardStats`); ``odeint(..., stats={})``
-fills ``stats["forward"]`` and, when the gradient runs, ``stats["backward"]``.  See
-:mod:`flowmath.ode.solve` for the error norm and step control and :mod:`flowmath.ode.adjoint`
-for the three gradient modes.
+returns an :class:`ODESolution` with the forward counts, events, dense output ``sol(t)`` and,
+once a gradient has been computed, the backward counts in ``solution.backward``
+(:class:`BackwardStats`); ``odeint(..., stats={})`` fills ``stats["forward"]`` and, when the
+gradient runs, ``stats["backward"]``.  The settings travel as one validated
+:class:`SolverOptions`; the adjoints are strategy objects (:class:`Backsolve`,
+:class:`Checkpoint`, :class:`Direct`; the strings are aliases); ``method=`` takes any
+:class:`ButcherTableau`.
+
+Layout, imports running one way: ``tableau`` -> ``step`` -> ``controller`` -> ``loop`` ->
+``solution`` -> ``adjoint`` -> ``options`` -> ``solve`` (and ``_tree`` for pytrees,
+``dynamics`` for the built-in fields, which import none of the others).
 
 Dynamics may provide a fused vector-Jacobian product ``f.vjp(t, y, params, a) -> (dydt, a^T
 df/dy, a^T df/dparams)`` (``a_params`` with the pytree structure of ``params``); the
 ``"backsolve"`` and ``"checkpoint"`` gradients then call it instead of ``autograd.make_vjp``.
-Gradients flow through ``y0`` and ``params`` only (a traced variable captured by ``f`` is an
+Gradients flow through ``y0``, ``params`` and ``t`` only (a traced variable captured by ``f`` is an
 error); second derivatives need ``adjoint="direct"``.  The drivers run on NumPy in float64.
 
 References
@@ -20,28 +26,30 @@ Chen, Rubanova, Bettencourt, Duvenaud (2018), "Neural Ordinary Differential Equa
 arXiv:1806.07366.
 """
 
+from .adjoint import AbstractAdjoint, Backsolve, Checkpoint, Direct
+from .controller import MAX_FACTOR, MIN_FACTOR, SAFETY, Controller
 from .dynamics import CNFDynamics, MLPDynamics
-from .solve import (
-    DEFAULT_MAX_STEPS,
-    MAX_FACTOR,
-    MIN_FACTOR,
-    SAFETY,
-    STEP_FLOOR_ULPS,
-    BackwardStats,
-    ODESolution,
-    ODESolverError,
-    odeint,
-    solve,
-)
-from .tableau import DOPRI5, EULER, RK4, TABLEAUX, ButcherTableau
+from .loop import DEFAULT_MAX_STEPS, STEP_FLOOR_ULPS, ODESolverError
+from .options import Event, SolverOptions
+from .solution import BackwardStats, DenseOutput, ODESolution
+from .solve import odeint, solve
+from .tableau import BOSH3, DOPRI5, EULER, RK4, TABLEAUX, TSIT5, ButcherTableau
 
 __all__ = [
+    "AbstractAdjoint",
+    "BOSH3",
     "BackwardStats",
+    "Backsolve",
     "ButcherTableau",
     "CNFDynamics",
+    "Checkpoint",
+    "Controller",
     "DEFAULT_MAX_STEPS",
     "DOPRI5",
+    "DenseOutput",
+    "Direct",
     "EULER",
+    "Event",
     "MAX_FACTOR",
     "MIN_FACTOR",
     "MLPDynamics",
@@ -50,7 +58,9 @@ __all__ = [
     "RK4",
     "SAFETY",
     "STEP_FLOOR_ULPS",
+    "SolverOptions",
     "TABLEAUX",
+    "TSIT5",
     "odeint",
     "solve",
 ]

@@ -19,6 +19,9 @@ Hairer, Norsett, Wanner (1993), *Solving Ordinary Differential Equations I*, Sec
 conditions, rooted trees) and II.6 (dense output).
 Dormand, Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6.
 Shampine (1986), "Some practical Runge-Kutta formulas", Math. Comp. 46 (the 4th-order interpolant).
+Bogacki, Shampine (1989), "A 3(2) pair of Runge-Kutta formulas", Appl. Math. Lett. 2(4).
+Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the first column simplifying
+assumption", Comput. Math. Appl. 62(2), 770-775.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from functools import cache
 import numpy as np
 
 __all__ = [
+    "BOSH3",
     "ButcherTableau",
     "DOPRI5",
     "EULER",
     "RK4",
     "TABLEAUX",
+    "TSIT5",
+    "hermite_dense",
     "rooted_trees",
 ]
 
@@ -93,6 +99,30 @@ def _phi(tree, A: np.ndarray) -> np.ndarray:
     return out
 
 
+def hermite_dense(b, fsal_last: int) -> np.ndarray:
+    """Dense matrix of the cubic Hermite interpolant of an FSAL step, as stage weights.
+
+    With :math:`y_{n+1} = y_n + h\\, b^\\top K`, :math:`f_n = K_1` and :math:`f_{n+1} = K_s`
+    (First-Same-As-Last), the Hermite cubic through :math:`(y_n, f_n)` and
+    :math:`(y_{n+1}, f_{n+1})` is
+
+    .. math:: y(t_n + \\theta h) = y_n + h \\big((3\\theta^2 - 2\\theta^3)\\, b
+        + (\\theta - 2\\theta^2 + \\theta^3)\\, e_1
+        + (\\theta^3 - \\theta^2)\\, e_s\\big)^\\top K,
+
+    a continuous extension of order 3 (local error :math:`O(h^4)`) when the method's order is at
+    least 3.  Returned as ``dense`` of shape ``(s, 3)``: ``w(theta) = dense @ [theta, theta^2,
+    theta^3]``.
+    """
+    b = np.asarray(b, dtype=np.float64)
+    s = b.shape[0]
+    dense = np.outer(b, [0.0, 3.0, -2.0])
+    dense[0] += [1.0, -2.0, 1.0]
+    dense[fsal_last] += [0.0, -1.0, 1.0]
+    assert dense.shape == (s, 3)
+    return dense
+
+
 def _order_residuals(A, b, order):
     """Largest |b . Phi(tau) - 1/gamma(tau)| over the trees of each size 1..order."""
     res = []
@@ -129,6 +159,8 @@ class ButcherTableau:
     dense : array, shape (s, m), optional
         Continuous extension: ``y(t + theta h) = y + h sum_i w_i(theta) K_i`` with
         ``w(theta) = dense @ [theta, theta^2, ..., theta^m]``; must give ``w(1) = b``.
+        When omitted for an FSAL tableau, the cubic Hermite interpolant of :func:`hermite_dense`
+        is used (order ``min(3, order)``), so every FSAL tableau has dense output.
     dense_order : int, optional
         Order of the continuous extension (checked for theta in (0, 1]).
 
@@ -216,6 +248,9 @@ class ButcherTableau:
             abs(c[-1] - 1.0) > _TABLEAU_TOL or np.max(np.abs(A[-1] - b)) > _TABLEAU_TOL
         ):
             raise ValueError(f"tableau {self.name!r}: FSAL needs c[-1] = 1 and A[-1] = b")
+        if self.fsal and self.dense is None:
+            object.__setattr__(self, "dense", arr(hermite_dense(b, s - 1)))
+            object.__setattr__(self, "dense_order", min(3, self.order))
         if self.dense is not None:
             if self.dense.shape[0] != s:
                 raise ValueError(f"tableau {self.name!r}: `dense` must have {s} rows")
@@ -243,7 +278,18 @@ class ButcherTableau:
 
     @property
     def adaptive(self) -> bool:
+        """Whether the tableau carries an embedded pair (error estimate, step control)."""
         return self.b_embedded is not None
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the tableau has a continuous extension (dense output inside a step)."""
+        return self.dense is not None
+
+    @property
+    def error_exponent(self) -> float:
+        """``-1 / (min(order, embedded_order) + 1)``: the elementary controller's exponent."""
+        return -1.0 / (min(self.order, self.embedded_order) + 1)
 
     def dense_weights(self, theta: float) -> np.ndarray:
         """Stage weights ``w(theta)``, shape (s,): ``y(t + theta h) = y + h w(theta) @ K``.
@@ -260,14 +306,34 @@ class ButcherTableau:
         return self.dense @ powers
 
 
-EULER = ButcherTableau(name="euler", c=[0.0], A=[[0.0]], b=[1.0], order=1)
+# Euler's dense output is the straight line y_n + theta h K_1 (order 1).
+EULER = ButcherTableau(
+    name="euler", c=[0.0], A=[[0.0]], b=[1.0], order=1, dense=[[1.0]], dense_order=1
+)
 
+# Classical RK4 with its "free" continuous extension of order 3 (Hairer-Norsett-Wanner I,
+# Sec. II.6, Eq. (6.9)): b_1(theta) = theta - 3 theta^2 / 2 + 2 theta^3 / 3,
+# b_2 = b_3 = theta^2 - 2 theta^3 / 3, b_4 = -theta^2 / 2 + 2 theta^3 / 3.
 RK4 = ButcherTableau(
     name="rk4",
     c=[0.0, 0.5, 0.5, 1.0],
     A=[[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1.0, 0]],
     b=[1 / 6, 1 / 3, 1 / 3, 1 / 6],
     order=4,
+    dense=[[1, -1.5, 2 / 3], [0, 1, -2 / 3], [0, 1, -2 / 3], [0, -0.5, 2 / 3]],
+    dense_order=3,
+)
+
+# Bogacki-Shampine 3(2), FSAL (scipy's RK23); dense output: the cubic Hermite interpolant.
+BOSH3 = ButcherTableau(
+    name="bosh3",
+    c=[0.0, 0.5, 0.75, 1.0],
+    A=[[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.75, 0, 0], [2 / 9, 1 / 3, 4 / 9, 0]],
+    b=[2 / 9, 1 / 3, 4 / 9, 0],
+    order=3,
+    b_embedded=[7 / 24, 1 / 4, 1 / 3, 1 / 8],
+    embedded_order=2,
+    fsal=True,
 )
 
 
@@ -324,5 +390,60 @@ DOPRI5 = ButcherTableau(
     dense_order=4,
 )
 
-#: The methods `fm.odeint` accepts, by name.
-TABLEAUX = {"euler": EULER, "rk4": RK4, "dopri5": DOPRI5}
+# Tsitouras 5(4), FSAL (Tsitouras 2011, Table 1: the coefficients as printed there, to 16
+# digits; the order conditions hold to 2e-14, checked on construction); dense output: the cubic
+# Hermite interpolant (the paper's 4th-order interpolant is not used).
+TSIT5 = ButcherTableau(
+    name="tsit5",
+    c=[0.0, 0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0],
+    A=[
+        [0, 0, 0, 0, 0, 0, 0],
+        [0.161, 0, 0, 0, 0, 0, 0],
+        [-0.008480655492356989, 0.335480655492357, 0, 0, 0, 0, 0],
+        [2.897153057105493, -6.359448489975075, 4.3622954328695815, 0, 0, 0, 0],
+        [5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525]
+        + [0, 0, 0],
+        [
+            5.86145544294642,
+            -12.92096931784711,
+            8.159367898576159,
+            -0.071584973281401,
+            -0.028269050394068383,
+            0,
+            0,
+        ],
+        [
+            0.09646076681806523,
+            0.01,
+            0.4798896504144996,
+            1.379008574103742,
+            -3.290069515436081,
+            2.324710524099774,
+            0,
+        ],
+    ],
+    b=[
+        0.09646076681806523,
+        0.01,
+        0.4798896504144996,
+        1.379008574103742,
+        -3.290069515436081,
+        2.324710524099774,
+        0,
+    ],
+    order=5,
+    b_embedded=[
+        0.09468075576583945,
+        0.009183565540343,
+        0.4877705284247616,
+        1.234297566930479,
+        -2.707712349983526,
+        1.866628418170587,
+        1 / 66,
+    ],
+    embedded_order=4,
+    fsal=True,
+)
+
+#: The methods `fm.odeint` accepts by name (any other :class:`ButcherTableau` may be passed).
+TABLEAUX = {"euler": EULER, "rk4": RK4, "bosh3": BOSH3, "dopri5": DOPRI5, "tsit5": TSIT5}
