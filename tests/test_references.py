@@ -181,3 +181,16 @@ def test_roulette_std_recomputed(L, p, m, n_probes, probe):
     assert mean == pytest.approx(np.linalg.slogdet(np.eye(d) + J)[1], rel=1e-12)
     got = est.roulette_std(J, p=p, n_exact=m, n_probes=n_probes, probe=probe)
     assert got == pytest.approx(math.sqrt(var), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (30, 20), (64, 200)])
+def test_gram_certificate_covers_rounding(shape):
+    """The certificate is the floating-point estimate PLUS the rounding it must cover:
+    sigma_svd (1 + 16 n eps) <= b <= sigma_svd (1 + 1e-9), n the smaller side (the bound starts
+    from t = lambda (1 + 64 n eps), lambda = sigma^2). A certificate that returned the LAPACK
+    value itself would sit within a few eps of the SVD and fail the left inequality."""
+    W = np.random.default_rng(7).normal(size=shape)
+    s = np.linalg.svd(W, compute_uv=False)[0]
+    n = min(shape)
+    b = fm.lipschitz.certified_spectral_norm(W)
+    assert s * (1 + 16 * n * EPS) <= b <= s * (1 + 1e-9), (b / s - 1) / EPS

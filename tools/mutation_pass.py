@@ -257,6 +257,21 @@ MUTATIONS = [
         "    shift = 0.0 if levels is None else dim * math.log(_check_levels(levels) + 1)",
         ("tests/test_dequantize.py",),
     ),
+    # -- costs (asserted on counted operations) ----------------------------------------------
+    Mutation(
+        "TriangularLinear inverse by a dense solve",
+        "flowmath/layers/linear.py",
+        '        xt = solve_triangular(W, anp.transpose(y - params["b"]), lower=self.lower)',
+        '        xt = anp.linalg.solve(W, anp.transpose(y - params["b"]))',
+        ("tests/test_complexity.py",),
+    ),
+    Mutation(
+        "LULinear forward assembles the dense W (O(d^3))",
+        "flowmath/layers/linear.py",
+        "        z = anp.dot(anp.dot(x, anp.transpose(U)), anp.transpose(L))",
+        "        z = anp.dot(x, anp.transpose(anp.dot(L, U)))",
+        ("tests/test_complexity.py",),
+    ),
     # -- ODE: tableau and step control --------------------------------------------------------
     Mutation(
         "dopri5 c_2 = 1/5 -> 0.21",
