@@ -44,7 +44,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from ._checks import check_int, check_rng
+from ._checks import Leaf, check_int, check_rng
 from ._pytree import leaves as _leaves
 from ._pytree import structure as _structure
 from ._pytree import unflatten as _unflatten
@@ -54,8 +54,10 @@ __all__ = [
     "conv2d",
     "convnet_apply",
     "convnet_init",
+    "convnet_spec",
     "mlp_apply",
     "mlp_init",
+    "mlp_spec",
     "relu",
     "tanh",
     "unpack",
@@ -191,6 +193,14 @@ def mlp_init(rng: np.random.Generator, sizes, *, out_scale: float = 1.0):
     ]
 
 
+def mlp_spec(sizes):
+    """The parameter declaration (:class:`flowmath._checks.Leaf` tree) of :func:`mlp_init`'s
+    output for widths ``sizes``: ``[{"W": (d_k, d_{k+1}), "b": (d_{k+1},)}, ...]``."""
+    return [
+        {"W": Leaf((a, b)), "b": Leaf((b,))} for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
 def mlp_apply(params, x):
     """Apply the MLP: ``h <- relu(h @ W + b)`` for the hidden layers, no activation at the end.
 
@@ -283,6 +293,20 @@ def convnet_init(
         ks = 3 if (k == 0 or last) else 1
         params.append(_layer_init(rng, (b, a, ks, ks), a * ks * ks, b, last, out_scale))
     return params
+
+
+def convnet_spec(c_in: int, hidden, c_out: int):
+    """The parameter declaration of :func:`convnet_init`'s output: 3x3 first and output
+    convolutions, 1x1 in between."""
+    widths = [c_in, *hidden, c_out]
+    n = len(widths) - 1
+    return [
+        {
+            "W": Leaf((b, a, 3 if k in (0, n - 1) else 1, 3 if k in (0, n - 1) else 1)),
+            "b": Leaf((b,)),
+        }
+        for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+    ]
 
 
 def convnet_apply(params, x):

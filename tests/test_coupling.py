@@ -145,7 +145,7 @@ def test_mask_errors(rng):
         fm.AffineCoupling(np.ones(6, bool))
     with pytest.raises(TypeError, match="`mask` must be 'half'.*dtype float64"):
         fm.AffineCoupling(np.ones(6))
-    with pytest.raises(ValueError, match="`hidden` must be a sequence of positive ints"):
+    with pytest.raises(ValueError, match="`hidden` must be a tuple of positive ints"):
         fm.AffineCoupling(hidden=(8, 0))
     layer = fm.AffineCoupling(np.array([True, False, True, False, True, False]))
     with pytest.raises(ValueError, match=r"`x` must have event shape \(6,\) to match `mask`"):

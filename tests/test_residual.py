@@ -249,7 +249,7 @@ def test_bad_constructor_arguments():
         fm.IResBlock(logdet="hutchinson")
     with pytest.raises(ValueError, match="`activation` must be one of"):
         fm.IResBlock(activation="relu")
-    with pytest.raises(ValueError, match="`hidden` must be >= 1"):
+    with pytest.raises(ValueError, match="`hidden` must be a tuple of positive ints"):
         fm.IResBlock(hidden=(4, 0))
     with pytest.raises(TypeError, match="`hidden` must be"):
         fm.IResBlock(hidden=3.5)

@@ -45,7 +45,7 @@ from .._checks import (
     check_rng,
 )
 from .._xp import array_namespace, getval, is_box
-from .trace import PROBES, draw_probes
+from .trace import PROBES, check_finite_output, draw_probes
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -120,6 +120,7 @@ def _check_vjp_out(out, n: int, dim: int):
             f"`vjp` must map an array of shape ({n}, {dim}) (row i a vector for sample i) to the "
             f"same shape; got {shape}"
         )
+    check_finite_output(out, "vjp")
     return out
 
 
@@ -387,6 +388,50 @@ def roulette_survival(k, *, distribution: str = "geometric", p: float = 0.5, lam
     return np.where(k <= 0, 1.0, special.gammainc(np.maximum(k, 1), lam)).astype(np.float64)
 
 
+#: Default cap on the number of terms ``N + n_exact`` of one roulette estimate.
+ROULETTE_MAX_TERMS = 10_000
+#: A roulette law is refused when it exceeds the cap with a probability above this: a draw
+#: beyond the cap is then practically impossible, and the estimate stays unbiased.
+ROULETTE_CAP_PROBABILITY = 1e-12
+
+
+def check_roulette_cap(
+    p: float = 0.5,
+    n_exact: int = 1,
+    *,
+    distribution: str = "geometric",
+    lam: float = 2.0,
+    max_terms: int = ROULETTE_MAX_TERMS,
+) -> int:
+    r"""Refuse a roulette law whose number of terms is not bounded in practice.
+
+    The estimate runs :math:`N + m` terms (``m = n_exact``) with ``N`` unbounded in law; the
+    law is accepted when :math:`P(N + m > 	ext{max\_terms}) \le 10^{-12}`
+    (``ROULETTE_CAP_PROBABILITY``) -- for the geometric law and the default cap of 10 000
+    terms, ``p >= 2.8e-3``. Returns ``max_terms``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``p`` (or ``lam``), the tail probability and the cap.
+    """
+    p, distribution, lam, n_exact = _check_roulette_args(p, distribution, lam, n_exact)
+    max_terms = check_int(max_terms, "max_terms", minimum=1)
+    tail = float(
+        roulette_survival(max_terms - n_exact + 1, distribution=distribution, p=p, lam=lam)
+    )
+    if tail > ROULETTE_CAP_PROBABILITY:
+        arg = f"`p` = {p!r}" if distribution == "geometric" else f"`lam` = {lam!r}"
+        raise ValueError(
+            f"{arg} with `n_exact` = {n_exact} needs more than `max_terms` = {max_terms} terms "
+            f"with probability {tail:.3g} (> {ROULETTE_CAP_PROBABILITY:g}); the mean number of "
+            "terms is "
+            f"{(1.0 / p if distribution == 'geometric' else lam) + n_exact:.4g}: "
+            "raise `p` (lower `lam`) or `max_terms`"
+        )
+    return max_terms
+
+
 def _draw_n(rng, size, distribution, p, lam):
     if distribution == "geometric":
         return rng.geometric(p, size=size).astype(np.int64)
@@ -405,10 +450,25 @@ def _roulette_coef(N, n_exact, distribution, p, lam, dtype):
 
 
 def _roulette_setup(
-    rng, probes, n, dim, n_probes, probe, dtype, p, distribution, lam, n_exact, per_sample
+    rng,
+    probes,
+    n,
+    dim,
+    n_probes,
+    probe,
+    dtype,
+    p,
+    distribution,
+    lam,
+    n_exact,
+    per_sample,
+    max_terms,
 ):
     n, dim, n_probes, dtype = _common_args(n, dim, n_probes, probe, dtype)
     p, distribution, lam, n_exact = _check_roulette_args(p, distribution, lam, n_exact)
+    max_terms = check_roulette_cap(
+        p, n_exact, distribution=distribution, lam=lam, max_terms=max_terms
+    )
     check_rng(rng)
     if not isinstance(per_sample, (bool, np.bool_)):
         raise TypeError(f"`per_sample` must be a bool; got {type(per_sample).__name__}")
@@ -416,6 +476,10 @@ def _roulette_setup(
     V = _get_probes(rng, probes, n_probes, n, dim, probe, dtype)
     N = _draw_n(rng, n if per_sample else 1, distribution, p, lam)
     N = np.broadcast_to(N, (n,))
+    if int(N.max()) + n_exact > max_terms:  # probability <= 1e-12 (check_roulette_cap)
+        raise ValueError(
+            f"the roulette drew N = {int(N.max())} terms, past `max_terms` = {max_terms}"
+        )
     coef, K = _roulette_coef(N, n_exact, distribution, p, lam, dtype)
     return n, dim, V, coef, K, (N + n_exact).astype(np.int64)
 
@@ -435,6 +499,7 @@ def roulette_logdet(
     per_sample: bool = False,
     probes=None,
     dtype=np.float64,
+    max_terms: int = ROULETTE_MAX_TERMS,
 ) -> RouletteEstimate:
     r"""Unbiased Russian-roulette estimate of :math:`\log\det(I + J_i)` (Residual Flows, eq. 6).
 
@@ -480,6 +545,9 @@ def roulette_logdet(
         Use these probes instead of drawing them (``N`` is still drawn from ``rng``).
     dtype : float32 or float64, optional
         dtype of the probes and weights.
+    max_terms : int, optional
+        Cap on ``N + n_exact``: a law that exceeds it with probability above ``1e-12`` is
+        refused with a ``ValueError`` (:func:`check_roulette_cap`), e.g. ``p = 1e-7``.
 
     Returns
     -------
@@ -506,7 +574,19 @@ def roulette_logdet(
     True
     """
     n, dim, V, coef, K, n_terms = _roulette_setup(
-        rng, probes, n, dim, n_probes, probe, dtype, p, distribution, lam, n_exact, per_sample
+        rng,
+        probes,
+        n,
+        dim,
+        n_probes,
+        probe,
+        dtype,
+        p,
+        distribution,
+        lam,
+        n_exact,
+        per_sample,
+        max_terms,
     )
     if K == 0:  # Poisson N = 0 and n_exact = 0: the empty sum
         value = np.zeros(n, dtype=V.dtype)
@@ -530,6 +610,7 @@ def neumann_logdet(
     per_sample: bool = False,
     probes=None,
     dtype=np.float64,
+    max_terms: int = ROULETTE_MAX_TERMS,
 ) -> RouletteEstimate:
     r"""Roulette log-det estimate whose autograd gradient is the Neumann-series estimator.
 
@@ -588,7 +669,19 @@ def neumann_logdet(
     True
     """
     n, dim, V, coef, K, n_terms = _roulette_setup(
-        rng, probes, n, dim, n_probes, probe, dtype, p, distribution, lam, n_exact, per_sample
+        rng,
+        probes,
+        n,
+        dim,
+        n_probes,
+        probe,
+        dtype,
+        p,
+        distribution,
+        lam,
+        n_exact,
+        per_sample,
+        max_terms,
     )
     value, surrogate = _neumann_pass(vjp, V, coef, n, dim)
     calls = V.shape[0] * K + (V.shape[0] if surrogate is not None or K == 0 else 0)

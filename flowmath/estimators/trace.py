@@ -12,10 +12,12 @@ are drawn on the host with NumPy.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .._checks import check_choice, check_float_dtype, check_int, check_rng
-from .._xp import array_namespace, getval
+from .._xp import array_namespace, getval, to_numpy
 
 __all__ = [
     "PROBES",
@@ -57,9 +59,35 @@ def draw_probes(rng: np.random.Generator, shape, probe: str = "gaussian", dtype=
     check_rng(rng)
     check_choice(probe, "probe", PROBES)
     dt = check_float_dtype(dtype)
+    shape = _check_shape(shape)
     if probe == "gaussian":
         return rng.standard_normal(shape).astype(dt, copy=False)
     return (2 * rng.integers(0, 2, size=shape) - 1).astype(dt)
+
+
+def _check_shape(shape) -> tuple:
+    """A probe shape: a tuple of non-negative ints (a bare int is one axis)."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape
+    ):
+        raise TypeError(f"`shape` must be a tuple of ints; got {shape!r}")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"`shape` must have non-negative sizes; got {tuple(shape)}")
+    return tuple(int(s) for s in shape)
+
+
+def check_finite_output(out, name: str) -> None:
+    """Refuse NaN or inf from a user callable (a ``matvec`` or ``vjp``): a NaN would otherwise
+    come out of the estimate as a number-shaped answer."""
+    raw = to_numpy(out)
+    if raw.size and not np.all(np.isfinite(raw)):
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        raise ValueError(
+            f"`{name}` must return finite values; got {bad} non-finite value(s) (NaN or inf) "
+            f"out of {raw.size}"
+        )
 
 
 def _apply(matvec, V, dim: int):
@@ -71,6 +99,7 @@ def _apply(matvec, V, dim: int):
             f"`matvec` must map an array of shape {V.shape} (vectors as rows, dim = {dim}) to "
             f"the same shape; got {shape}"
         )
+    check_finite_output(out, "matvec")
     return out
 
 

@@ -6,11 +6,11 @@ import numbers
 
 import numpy as np
 
-from .._checks import check_choice, check_positive, check_rng
+from .._checks import check_bool, check_choice, check_hidden, check_positive, check_rng
 from .._xp import array_namespace, getval
 from ..ode.dynamics import ACTIVATIONS, TIME_MODES, CNFDynamics, MLPDynamics
 from ..ode.options import SolverOptions
-from .base import VECTOR, Bijection, cast_tree
+from .base import VECTOR, Bijection, Leaf, cast_tree
 
 __all__ = ["CNF"]
 
@@ -115,7 +115,7 @@ class CNF(Bijection):
         options: SolverOptions | None = None,
     ):
         self.field = MLPDynamics(
-            hidden,
+            check_hidden(hidden),
             time=check_choice(time, "time", TIME_MODES),
             activation=check_choice(activation, "activation", ACTIVATIONS),
         )
@@ -140,9 +140,7 @@ class CNF(Bijection):
         self.rtol, self.atol = options.rtol, options.atol
         self.adjoint = options.adjoint.name
         self.step_size = options.step_size
-        if not isinstance(identity_init, (bool, np.bool_)):
-            raise TypeError(f"`identity_init` must be a bool; got {type(identity_init).__name__}")
-        self.identity_init = bool(identity_init)
+        self.identity_init = check_bool(identity_init, "identity_init")
         if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real):
             raise TypeError(f"`init_scale` must be a real number; got {type(init_scale).__name__}")
         self.init_scale = check_positive(init_scale, "init_scale")
@@ -166,6 +164,15 @@ class CNF(Bijection):
         if self.identity_init:
             params[-1] = {k: np.zeros_like(v) for k, v in params[-1].items()}
         return params
+
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        widths = (d, *self.hidden, d)
+        extra = ("u",) if self.field.time == "concat" else ("gate_w", "gate_b", "bias_t")
+        return [
+            {"W": Leaf((a, b)), "b": Leaf((b,)), **{k: Leaf((b,)) for k in extra}}
+            for a, b in zip(widths[:-1], widths[1:], strict=True)
+        ]
 
     def _event_shape(self, params):
         return (self.field.check_params(params),)

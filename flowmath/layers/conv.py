@@ -25,10 +25,10 @@ import scipy.linalg
 import scipy.linalg.lapack
 from autograd.scipy.linalg import solve_triangular
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .._xp import array_namespace, getval, to_numpy
 from ..kernels.emerging import ar_conv, ar_mask, ar_solve, reverse_order
-from .base import IMAGE, Bijection
+from .base import IMAGE, Bijection, Leaf
 
 __all__ = ["EmergingConv2d", "InvConv1x1", "PeriodicConv2d"]
 
@@ -76,6 +76,29 @@ def _check_log_range(log_v, name):
         )
 
 
+#: ``perm`` and ``sign`` are read rounded (to integers, to +-1); a value further than this from
+#: its rounding is not one the layer made (finite-difference checks perturb by ~1e-6).
+_FROZEN_ATOL = 1e-3
+
+
+def _is_permutation(values):
+    """``perm`` (float indices, rounded on read) must be a permutation of ``0..c-1``."""
+    c = values.shape[0]
+    if not np.array_equal(np.sort(np.rint(values)), np.arange(c)) or np.any(
+        np.abs(values - np.rint(values)) > _FROZEN_ATOL
+    ):
+        return f"hold a permutation of 0..{c - 1} (the frozen row permutation P); got {values}"
+    return None
+
+
+def _is_sign(values):
+    """``sign`` must be +1 or -1 entrywise: a 0 would make ``W`` singular with a finite
+    log-det (``log_s`` carries the magnitude)."""
+    if not np.all(np.abs(np.abs(values) - 1.0) <= _FROZEN_ATOL):
+        return f"hold only +1 or -1 (the frozen signs of the LU diagonal); got {values}"
+    return None
+
+
 def _logdet_vector(value, x):
     """Broadcast a per-sample constant log-det to shape ``(n,)`` in ``x``'s dtype."""
     xp = array_namespace(value, x)
@@ -83,13 +106,17 @@ def _logdet_vector(value, x):
 
 
 def _channel_matmul(weight, x):
-    """``y[n, :, i, j] = weight @ x[n, :, i, j]`` as one BLAS product.
+    """``y[n, :, i, j] = weight @ x[n, :, i, j]``: one batched ``matmul`` of ``weight``
+    ``(c_out, c)`` with the ``(n, c, h w)`` view of a contiguous batch (no copy in; the result
+    is contiguous ``(n, c_out, h, w)``, in ``x``'s dtype when ``weight`` has it).
 
-    ``tensordot`` reshapes ``x`` to ``(c, n h w)`` and calls ``gemm`` once; the result comes
-    back as a transposed view ``(n, c, h, w)`` without another copy.
+    ``tensordot`` (the previous formula) copied ``x`` to ``(c, n h w)`` and handed back a
+    transposed view, which every later elementwise pass then read with strides.
     """
     xp = array_namespace(weight, x)
-    return xp.transpose(xp.tensordot(weight, x, axes=([1], [1])), (1, 0, 2, 3))
+    n, c, h, w = x.shape
+    y = xp.matmul(weight, xp.reshape(x, (n, c, h * w)))
+    return xp.reshape(y, (n, getval(weight).shape[0], h, w))
 
 
 def _random_orthogonal(rng, c):
@@ -150,9 +177,7 @@ class InvConv1x1(Bijection):
     event_ndims = IMAGE
 
     def __init__(self, lu: bool = True):
-        if not isinstance(lu, (bool, np.bool_)):
-            raise TypeError(f"`lu` must be True or False; got {type(lu).__name__} {lu!r}")
-        self.lu = bool(lu)
+        self.lu = check_bool(lu, "lu")
 
     def _init(self, rng, x):
         c = x.shape[1]
@@ -177,6 +202,18 @@ class InvConv1x1(Bijection):
             "lower": np.tril(lower, -1),
             "upper": np.triu(upper, 1),
             "log_s": np.log(np.abs(s)),
+        }
+
+    def _param_spec(self, event_shape):
+        c = event_shape[0]
+        if not self.lu:
+            return {"weight": Leaf((c, c))}
+        return {
+            "perm": Leaf((c,), values=_is_permutation),
+            "sign": Leaf((c,), values=_is_sign),
+            "lower": Leaf((c, c)),
+            "upper": Leaf((c, c)),
+            "log_s": Leaf((c,), log=True),
         }
 
     def _event_shape(self, params):
@@ -320,6 +357,10 @@ class PeriodicConv2d(Bijection):
             weight *= 0.5 * sigma_min / norms
         weight[:, :, p, p] = centre
         return {"weight": weight}
+
+    def _param_spec(self, event_shape):
+        c, k = event_shape[0], self.kernel_size
+        return {"weight": Leaf((c, c, k, k))}
 
     def _event_shape(self, params):
         return (getval(params["weight"]).shape[0], None, None)
@@ -465,6 +506,11 @@ class EmergingConv2d(Bijection):
             params[f"w{i}"] = w * scale
             params[f"log_d{i}"] = log_d
         return params
+
+    def _param_spec(self, event_shape):
+        c, k = event_shape[0], self.kernel_size
+        w, log_d = Leaf((c, c, k, k)), Leaf((c,), log=True)
+        return {"w1": w, "log_d1": log_d, "w2": w, "log_d2": log_d}
 
     def _event_shape(self, params):
         return (getval(params["log_d1"]).shape[0], None, None)

@@ -62,7 +62,7 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from .. import nets
-from .._checks import _shape_str, check_choice
+from .._checks import Leaf, _shape_str, check_bool, check_choice, check_hidden
 from .._xp import getval
 from .base import ANY, Bijection, sum_except_batch
 
@@ -203,17 +203,9 @@ class _Coupling(Bijection):
             arr = arr.copy()
             arr.setflags(write=False)
             self.mask = arr
-        try:
-            hidden = tuple(int(h) for h in hidden)
-        except TypeError as exc:
-            raise TypeError(
-                f"`hidden` must be a sequence of positive ints; got {hidden!r}"
-            ) from exc
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"`hidden` must be a sequence of positive ints; got {hidden!r}")
-        self.hidden = hidden
-        self.flip = bool(flip)
-        self.identity_init = bool(identity_init)
+        self.hidden = check_hidden(hidden)
+        self.flip = check_bool(flip, "flip")
+        self.identity_init = check_bool(identity_init, "identity_init")
 
     # -- mask resolution ----------------------------------------------------------------------
     def _partition(self, event_shape) -> _Partition:
@@ -252,6 +244,24 @@ class _Coupling(Bijection):
         if self._m == 2:
             params["scale"] = np.ones(n_scale)
         return params
+
+    def _param_spec(self, event_shape):
+        part = self._partition(event_shape)
+        if not part.image:
+            net = nets.mlp_spec([part.n_a, *self.hidden, self._m * part.n_b])
+            n_scale = (part.n_b,)
+        elif part.kind == "split":
+            net = nets.convnet_spec(part.n_a, self.hidden, self._m * part.n_b)
+            n_scale = (part.n_b, 1, 1)
+        else:
+            c = event_shape[0]
+            net = nets.convnet_spec(c, self.hidden, self._m * c)
+            n_scale = (c, 1, 1)
+        spec = {"net": net}
+        if self._m == 2:
+            # the amplitude bounds the log-scale, |s| <= |a|: exp(+-a) must be representable
+            spec["scale"] = Leaf(n_scale, log=True)
+        return spec
 
     def _event_shape(self, params):
         if not isinstance(self.mask, str):

@@ -16,6 +16,7 @@ import math
 import numbers
 
 import autograd.numpy as anp
+import numpy as np
 
 from .._checks import check_in_open_interval, check_positive
 from .._xp import getval, to_numpy
@@ -33,6 +34,9 @@ class _Elementwise(Bijection):
     event_ndims = ANY
 
     def _init(self, rng, x):
+        return {}
+
+    def _param_spec(self, event_shape):
         return {}
 
 
@@ -99,9 +103,17 @@ class Logit(_Elementwise):
     .. math:: p = \\alpha + (1 - 2\\alpha) x, \\qquad f(x) = \\log p - \\log(1 - p),
         \\qquad \\log|f'(x)| = \\log(1 - 2\\alpha) - \\log p - \\log(1 - p).
 
-    Maps data in the unit interval to R (the forward direction normalises data). With
-    ``alpha = 0`` the domain is the open interval (0, 1); with ``0 < alpha < 1/2`` it is the
-    closed interval [0, 1].
+    Maps data in the unit interval to R (the forward direction normalises data). The domain is
+    where ``0 < p < 1``: the open interval
+
+    .. math:: \\Big(-\\frac{\\alpha}{1 - 2\\alpha},\\ \\frac{1 - \\alpha}{1 - 2\\alpha}\\Big),
+
+    which is (0, 1) for ``alpha = 0`` and contains the closed interval [0, 1] for
+    ``0 < alpha < 1/2``. ``f`` maps it onto all of R, so the inverse of every real ``y`` lands in
+    the forward's domain and a flow ending in ``Logit`` scores its own samples (restricted to
+    [0, 1], ``f`` would reach only ``[logit(alpha), logit(1 - alpha)]``). The inverse raises
+    for ``|y|`` so large that ``sigmoid(y)`` rounds to 0 or 1 (about 37 in float64, 17 in
+    float32), where it would land on the boundary.
     """
 
     def __init__(self, alpha: float = 0.0):
@@ -111,25 +123,36 @@ class Logit(_Elementwise):
             raise ValueError(f"`alpha` must lie in [0, 0.5); got {alpha!r}")
         self.alpha = float(alpha)
 
+    def domain(self):
+        """The open interval ``(lo, hi)`` on which the forward is defined (``0 < p < 1``)."""
+        a = self.alpha
+        return 0.0 - a / (1.0 - 2.0 * a), (1.0 - a) / (1.0 - 2.0 * a)
+
     def _forward(self, params, x, rng):
         a = self.alpha
-        if a == 0.0:
-            check_in_open_interval(x, 0.0, 1.0, "x")
-        else:
-            raw = to_numpy(x)
-            if raw.min() < 0.0 or raw.max() > 1.0:
-                raise ValueError(
-                    f"`x` must lie in the closed interval [0, 1] for Logit(alpha={a}); "
-                    f"got values in [{raw.min()!r}, {raw.max()!r}]"
-                )
+        lo, hi = self.domain()
+        check_in_open_interval(x, lo, hi, "x")
         p = a + (1.0 - 2.0 * a) * x
         logp, log1mp = anp.log(p), anp.log1p(-p)
+        if not np.all((to_numpy(p) > 0.0) & (to_numpy(p) < 1.0)):
+            raise ValueError(
+                f"`x` must lie in the open interval ({lo}, {hi}) of Logit(alpha={a}); got values "
+                "that round to its boundary (p = alpha + (1 - 2 alpha) x is 0 or 1)"
+            )
         return logp - log1mp, sum_except_batch(math.log(1.0 - 2.0 * a) - logp - log1mp)
 
     def _inverse(self, params, y, rng):
         a = self.alpha
         # log sigma(y) = -softplus(-y), log(1 - sigma(y)) = -softplus(y)
         sig = anp.exp(-_softplus(-y))
+        raw = to_numpy(sig)
+        if not np.all((raw > 0.0) & (raw < 1.0)):
+            big = float(np.abs(to_numpy(y)).max())
+            raise ValueError(
+                f"`y` must be small enough in magnitude that sigmoid(y) is neither 0 nor 1 in "
+                f"{raw.dtype} (the inverse would land on the boundary of Logit's domain); got "
+                f"|y| up to {big:.4g}"
+            )
         x = (sig - a) / (1.0 - 2.0 * a)
         logdet = sum_except_batch(-_softplus(-y) - _softplus(y) - math.log(1.0 - 2.0 * a))
         return x, logdet

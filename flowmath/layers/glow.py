@@ -21,9 +21,9 @@ from __future__ import annotations
 import autograd.numpy as anp
 import numpy as np
 
-from .._checks import _shape_str, check_int
+from .._checks import _shape_str, check_bool, check_hidden, check_int
 from .._xp import getval
-from .base import ANY, IMAGE, Bijection, Chain, cast_tree
+from .base import ANY, IMAGE, Bijection, Chain, Leaf, cast_tree
 from .conv import InvConv1x1
 from .coupling import AffineCoupling
 
@@ -83,6 +83,10 @@ class ActNorm(Bijection):
         log_scale = np.where(flat, 0.0, -np.log(np.where(flat, 1.0, std)))
         shape = (x.shape[1],) if x.ndim == 2 else (x.shape[1], 1, 1)
         return {"loc": mean.reshape(shape), "log_scale": log_scale.reshape(shape)}
+
+    def _param_spec(self, event_shape):
+        shape = (event_shape[0],) if len(event_shape) == 1 else (event_shape[0], 1, 1)
+        return {"loc": Leaf(shape), "log_scale": Leaf(shape, log=True)}
 
     def _event_shape(self, params):
         loc = getval(params["loc"])
@@ -155,10 +159,22 @@ class Squeeze(Bijection):
         _check_even(getval(x).shape, "x")
         return {}
 
+    def _param_spec(self, event_shape):
+        return {}
+
     def _output_event_shape(self, event_shape):
         _check_even(tuple(event_shape), "x")
         c, h, w = event_shape
         return (4 * c, h // 2, w // 2)
+
+    def _input_event_shape(self, event_shape):
+        c4, h2, w2 = event_shape
+        if c4 % 4:
+            raise ValueError(
+                "`y` must have a number of channels divisible by 4 to undo Squeeze; "
+                f"got event shape {_shape_str(tuple(event_shape))}"
+            )
+        return (c4 // 4, 2 * h2, 2 * w2)
 
     def _forward(self, params, x, rng):
         _check_even(x.shape, "x")
@@ -202,9 +218,9 @@ class GlowStep(Chain):
     """
 
     def __init__(self, hidden=(64, 64), *, lu: bool = True, identity_init: bool = False):
-        self.hidden = tuple(hidden)
-        self.lu = bool(lu)
-        self.identity_init = bool(identity_init)
+        self.hidden = check_hidden(hidden)
+        self.lu = check_bool(lu, "lu")
+        self.identity_init = check_bool(identity_init, "identity_init")
         super().__init__(
             [
                 ActNorm(),
@@ -305,10 +321,10 @@ class Glow(Bijection):
     ):
         self.levels = check_int(levels, "levels", minimum=1)
         self.steps = check_int(steps, "steps", minimum=1)
-        self.hidden = tuple(hidden)
-        self.lu = bool(lu)
-        self.identity_init = bool(identity_init)
-        self.split_prior = bool(split_prior)
+        self.hidden = check_hidden(hidden)
+        self.lu = check_bool(lu, "lu")
+        self.identity_init = check_bool(identity_init, "identity_init")
+        self.split_prior = check_bool(split_prior, "split_prior")
         self._flows = []
         for level in range(self.levels):
             layers = [
@@ -346,8 +362,23 @@ class Glow(Bijection):
         c4 = getval(raw[0][0][0]["loc"]).shape[0]
         return (c4 // 4, None, None)
 
+    def _param_spec(self, event_shape):
+        """One list per level: the level's chain of steps at the squeezed shape it sees."""
+        self._check((1,) + tuple(event_shape), "x")
+        c, h, w = event_shape
+        specs = []
+        for flow in self._flows:
+            c, h, w = 4 * c, h // 2, w // 2
+            specs.append(flow._param_spec((c, h, w)))
+            c //= 2  # half the channels go on to the next level
+        return specs
+
     def _output_event_shape(self, event_shape):
         self._check((1,) + tuple(event_shape), "x")
+        return tuple(event_shape)
+
+    def _input_event_shape(self, event_shape):
+        self._check((1,) + tuple(event_shape), "y")
         return tuple(event_shape)
 
     def _forward(self, params, x, rng):

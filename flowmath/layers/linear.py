@@ -29,9 +29,9 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.scipy.linalg import solve_triangular
 
-from .._checks import check_int
-from .._xp import getval
-from .base import VECTOR, Bijection
+from .._checks import check_bool, check_int
+from .._xp import getval, to_numpy
+from .base import VECTOR, Bijection, Leaf
 
 __all__ = ["BlockDiagonalLinear", "DiagonalLinear", "FullLinear", "LULinear", "TriangularLinear"]
 
@@ -45,12 +45,35 @@ def _ones(x, value):
     return anp.zeros(x.shape[0], dtype=getval(x).dtype) + value
 
 
-def _check_nonsingular(sign, name, layer):
-    sign = np.asarray(getval(sign))
-    if np.any(sign == 0):
+#: A weight whose 1-norm reciprocal condition number is below ``RCOND_FACTOR * eps`` of the
+#: working dtype is treated as singular (the threshold of ``InvConv1x1(lu=False)``): its inverse
+#: would lose every digit and its log-det would be meaningless.
+RCOND_FACTOR = 64.0
+
+
+def _check_conditioning(W, name, layer):
+    """Raise unless every (stacked) matrix ``W`` has 1-norm reciprocal condition number
+    ``1 / (||W||_1 ||W^-1||_1) > 64 eps`` of its dtype (exact, from the inverse: these layers'
+    inverse and log-det cost O(c^3) per block already)."""
+    w = to_numpy(W)
+    threshold = RCOND_FACTOR * float(np.finfo(w.dtype).eps)
+    w64 = w.astype(np.float64).reshape((-1,) + w.shape[-2:])
+    try:
+        with np.errstate(all="ignore"):
+            inv = np.linalg.inv(w64)
+            rcond = 1.0 / (
+                np.abs(w64).sum(axis=1).max(axis=1) * np.abs(inv).sum(axis=1).max(axis=1)
+            )
+        rcond = np.where(np.isfinite(rcond), rcond, 0.0)
+    except np.linalg.LinAlgError:
+        rcond = np.zeros(len(w64))
+    worst = int(np.argmin(rcond))
+    if not rcond[worst] > threshold:
+        where = f" (block {worst})" if w.ndim == 3 else ""
         raise ValueError(
-            f"`params['{name}']` must be non-singular: {layer} needs an invertible weight; "
-            f"got a matrix with determinant 0"
+            f'`params["{name}"]` must be non-singular for {layer}; got 1-norm reciprocal '
+            f"condition number {rcond[worst]:.3g}{where} (<= {threshold:.3g} = {RCOND_FACTOR:g} "
+            "eps): the map is not numerically invertible and its log-det is meaningless"
         )
 
 
@@ -81,13 +104,16 @@ class FullLinear(Bijection):
         W = q * np.exp(0.3 * rng.normal(size=d))
         return {"W": W, "b": 0.1 * rng.normal(size=d)}
 
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        return {"W": Leaf((d, d)), "b": Leaf((d,))}
+
     def _event_shape(self, params):
         return (getval(params["W"]).shape[0],)
 
     def _logdet(self, W):
-        sign, logabs = anp.linalg.slogdet(W)
-        _check_nonsingular(sign, "W", "FullLinear")
-        return logabs
+        _check_conditioning(W, "W", "FullLinear")
+        return anp.linalg.slogdet(W)[1]
 
     def _forward(self, params, x, rng):
         W = params["W"]
@@ -111,6 +137,10 @@ class DiagonalLinear(Bijection):
     def _init(self, rng, x):
         d = x.shape[1]
         return {"log_scale": 0.3 * rng.normal(size=d), "b": 0.1 * rng.normal(size=d)}
+
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        return {"log_scale": Leaf((d,), log=True), "b": Leaf((d,))}
 
     def _event_shape(self, params):
         return (getval(params["log_scale"]).shape[0],)
@@ -138,9 +168,7 @@ class TriangularLinear(Bijection):
     event_ndims = VECTOR
 
     def __init__(self, lower: bool = True):
-        if not isinstance(lower, bool):
-            raise TypeError(f"`lower` must be a bool; got {type(lower).__name__}")
-        self.lower = lower
+        self.lower = check_bool(lower, "lower")
 
     def _init(self, rng, x):
         d = x.shape[1]
@@ -149,6 +177,10 @@ class TriangularLinear(Bijection):
             "log_diag": 0.3 * rng.normal(size=d),
             "b": 0.1 * rng.normal(size=d),
         }
+
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        return {"T": Leaf((d, d)), "log_diag": Leaf((d,), log=True), "b": Leaf((d,))}
 
     def _event_shape(self, params):
         return (getval(params["log_diag"]).shape[0],)
@@ -196,14 +228,22 @@ class BlockDiagonalLinear(Bijection):
         W = q * np.exp(0.3 * rng.normal(size=(d // c, 1, c)))
         return {"W": W, "b": 0.1 * rng.normal(size=d)}
 
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        c = self.block_size
+        if d % c:
+            raise ValueError(
+                f"`x` must have a feature size divisible by `block_size`={c}; got {d} features"
+            )
+        return {"W": Leaf((d // c, c, c)), "b": Leaf((d,))}
+
     def _event_shape(self, params):
         nb, c, _ = getval(params["W"]).shape
         return (nb * c,)
 
     def _logdet(self, W):
-        sign, logabs = anp.linalg.slogdet(W)
-        _check_nonsingular(sign, "W", "BlockDiagonalLinear")
-        return anp.sum(logabs)
+        _check_conditioning(W, "W", "BlockDiagonalLinear")
+        return anp.sum(anp.linalg.slogdet(W)[1])
 
     def _forward(self, params, x, rng):
         W = params["W"]
@@ -285,6 +325,16 @@ class LULinear(Bijection):
             "U": rng.normal(size=(d, d)) / np.sqrt(d),
             "log_s": 0.3 * rng.normal(size=d),
             "b": 0.1 * rng.normal(size=d),
+        }
+
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        self._perm(d)
+        return {
+            "L": Leaf((d, d)),
+            "U": Leaf((d, d)),
+            "log_s": Leaf((d,), log=True),
+            "b": Leaf((d,)),
         }
 
     def _event_shape(self, params):

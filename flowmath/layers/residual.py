@@ -31,18 +31,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import autograd
 import autograd.numpy as anp
 import numpy as np
 from autograd.extend import defvjp_argnums, primitive
 
-from .. import estimators
+from .. import _counters, estimators
 from .. import lipschitz as lip
-from .._checks import check_choice, check_int, check_positive
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_hidden,
+    check_int,
+    check_positive,
+    check_probability,
+)
 from .._xp import array_namespace, getval, to_numpy
-from .base import VECTOR, Bijection, cast_tree
+from .base import VECTOR, Bijection, Leaf, cast_tree
 
 __all__ = ["FixedPointError", "FixedPointInfo", "IResBlock", "solve_fixed_point"]
 
@@ -173,6 +179,7 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
         k += 1
         if record:
             hist_x.append(x)
+    _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
     resid = _row_norm(y - x - g(x)) / (1.0 - L)
     history = None
     if record:
@@ -432,15 +439,7 @@ class IResBlock(Bijection):
         tol: float | None = None,
         max_iter: int = 100_000,
     ):
-        if isinstance(hidden, numbers.Integral):
-            hidden = (hidden,)
-        try:
-            hidden = tuple(hidden)
-        except TypeError:
-            raise TypeError(f"`hidden` must be a tuple of positive ints; got {hidden!r}") from None
-        for h in hidden:
-            check_int(h, "hidden", minimum=1)
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = check_hidden(hidden)
         coeff = check_positive(coeff, "coeff")
         if coeff >= 1.0:
             raise ValueError(
@@ -455,10 +454,13 @@ class IResBlock(Bijection):
         self.spectral = check_choice(spectral, "spectral", SPECTRAL)
         self.n_power_iterations = check_int(n_power_iterations, "n_power_iterations", minimum=1)
         self.probe = check_choice(probe, "probe", estimators.PROBES)
-        self.roulette_p = float(roulette_p)
+        self.roulette_p = check_probability(roulette_p, "roulette_p")  # (0, 1]
         self.n_exact = check_int(n_exact, "n_exact", minimum=0)
-        self.neumann_gradient = bool(neumann_gradient)
-        self.check_lipschitz = bool(check_lipschitz)
+        if self.logdet == "roulette":
+            # the number of terms must be capped in practice (estimators.roulette_logdet)
+            estimators.check_roulette_cap(self.roulette_p, self.n_exact)
+        self.neumann_gradient = check_bool(neumann_gradient, "neumann_gradient")
+        self.check_lipschitz = check_bool(check_lipschitz, "check_lipschitz")
         self.tol = None if tol is None else check_positive(tol, "tol")
         self.max_iter = check_int(max_iter, "max_iter", minimum=1)
 
@@ -481,6 +483,17 @@ class IResBlock(Bijection):
         if power:
             params["u"] = [_top_left_singular_vector(W) for W in Ws]
         return params
+
+    def _param_spec(self, event_shape):
+        (d,) = event_shape
+        sizes = (d, *self.hidden, d)
+        shapes = [(b, a) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        spec = {"W": [Leaf(s) for s in shapes], "b": [Leaf((s[0],)) for s in shapes]}
+        if self.spectral == "power" or (
+            self.spectral == "auto" and any(min(s) > AUTO_EXACT_MAX for s in shapes)
+        ):
+            spec["u"] = [Leaf((s[0],)) for s in shapes]
+        return spec
 
     def _event_shape(self, params):
         params = getval(params)
