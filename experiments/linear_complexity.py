@@ -24,6 +24,12 @@ The timings run in a child process with a single-threaded BLAS (``Config.blas_th
 oversubscribed machine measures the scheduler, and its parallel efficiency grows with the
 matrix size, which bends exponents.
 
+Every fitted exponent more than ``DEVIATION = 0.3`` from the model slope is marked in the table
+and the figure with the reason (:func:`explain`): the same operations counted instead of timed
+(:func:`flowmath._opcount.cost_exponents`, asserted in ``tests/test_complexity.py``) have the
+theory's slopes to within 0.15, so every such deviation is a property of the machine, not of
+the algorithm; ``docs/theory-costs.md`` derives the true costs where the lecture's table is loose.
+
 Caveats (reported with the numbers): timings on a shared machine are noisy; BLAS/LAPACK become
 more efficient as matrices grow (blocking, cache reuse), which pulls the fitted exponents of the
 ``O(d^3)`` factorisations below 3 on small sizes; and anything near a microsecond is call
@@ -44,7 +50,26 @@ import flowmath as fm
 from experiments._common import fit_loglog_slope, setup_matplotlib, tex_table
 from experiments._timing import THREAD_VARS, alternate, in_child_process
 
-__all__ = ["Config", "plot", "run", "tex"]
+__all__ = ["DEVIATION", "Config", "explain", "plot", "run", "tex"]
+
+#: A timed exponent further than this from the model slope is marked and explained.
+DEVIATION = 0.3
+
+#: Why a timed exponent leaves the model slope (keys used in the table's "note" column).
+REASONS = {
+    "blas": (
+        "LAPACK's blocked factorisations run more flops per second as n grows (level-3 BLAS, "
+        "cache blocking), pulling O(n^3) slopes below 3; counted flops give 3"
+    ),
+    "blocks": (
+        "d/c small blocks: numpy's batched LAPACK pays a per-block overhead that falls as the "
+        "blocks get fewer and larger, offsetting the c^2 d flops; counted flops give 2"
+    ),
+    "memory": (
+        "the O(d) reductions stream 2-32 MiB vectors that leave the cache as d grows: time per "
+        "element rises (memory bandwidth); counted flops give 1"
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,17 +525,44 @@ def plot(results: dict, path) -> None:
     ax.scatter(model, fitted, c=colors, s=18)
     lim = [-0.5, 3.5]
     ax.plot(lim, lim, "k:", lw=0.8)
+    band = np.array(lim)
+    ax.fill_between(band, band - DEVIATION, band + DEVIATION, color="0.9", zorder=0)
+    for r in rows:
+        key = explain(r)
+        if key:
+            ax.scatter([r["model_slope"]], [r["fitted_slope"]], s=70, facecolors="none",
+                       edgecolors="red")  # fmt: skip
+            ax.annotate(key, (r["model_slope"], r["fitted_slope"]), fontsize=6, color="red",
+                        xytext=(4, -8), textcoords="offset points")  # fmt: skip
     ax.set_xlim(lim)
     ax.set_ylim(lim)
     ax.set_xlabel("theory: slope of the cost model")
     ax.set_ylabel("measured: fitted log-log slope")
-    ax.set_title("fitted exponent vs theory (blue inverse, orange log-det)")
+    ax.set_title(
+        f"fitted vs theory (blue inverse, orange log-det); red: > {DEVIATION} off", fontsize=8
+    )
     for ax in axes[len(groups) + 1 :]:
         ax.axis("off")
     fig.suptitle("Cost of inverse and log-det; legend: fitted slope (model slope)", y=1.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def explain(row: dict) -> str | None:
+    """The key of :data:`REASONS` for a row whose timed exponent is more than
+    :data:`DEVIATION` from its model slope (``"unexplained"`` if no known cause fits); ``None``
+    when the row is within the band."""
+    gap = row["fitted_slope"] - row["model_slope"]
+    if abs(gap) <= DEVIATION:
+        return None
+    if row["layer"].startswith("BlockDiagonal") and row["var"] == "c" and gap < 0:
+        return "blocks"
+    if row["model_slope"] >= 2.5 and gap < 0:
+        return "blas"
+    if row["model_slope"] <= 1.2 and gap > 0 and max(row["sizes"]) >= 2**18:
+        return "memory"
+    return "unexplained"
 
 
 def _math(expr: str) -> str:
@@ -534,6 +586,7 @@ def tex(results: dict) -> str:
                 r["model_slope"],
                 r["fitted_slope"],
                 r.get("fitted_slope_min"),
+                explain(r) or "",
             ]
         )
     threads = results.get("blas_threads")
@@ -543,7 +596,20 @@ def tex(results: dict) -> str:
         "log(size) (fitted to the medians, and to the minima over the repeats), beside "
         "the cost in the lecture's table, the operation count of the implementation "
         "and the slope that count has over the same sizes "
-        f"(shared CPU, {blas})."
+        f"(shared CPU, {blas}). Note: the fitted (median) exponent is more than {DEVIATION} "
+        "from the model slope because "
+        + "; ".join(
+            f"({key}) {REASONS[key]}"
+            for key in REASONS
+            if any(explain(r) == key for r in results["rows"])
+        )
+        + (
+            "; (unexplained) to investigate"
+            if any(explain(r) == "unexplained" for r in results["rows"])
+            else ""
+        )
+        + ". Counted operations (machine-independent, asserted in the test suite) have the "
+        "theory's slopes to within 0.15."
     )
     return tex_table(
         [
@@ -555,6 +621,7 @@ def tex(results: dict) -> str:
             "model slope",
             "fitted (median)",
             "fitted (min)",
+            "note",
         ],
         rows,
         caption,
