@@ -326,3 +326,27 @@ def test_stochastic_logdet_gradients(logdet, rng):
         return anp.mean(flow.log_prob(p, x, np.random.default_rng(7)))
 
     check_grads(loss, modes=["rev"], order=1)(params)
+
+
+def test_fixed_point_huge_input_converges_on_measured_residual(rng):
+    """y of norm 1e160: the squared norms would overflow to inf and stop the loop after one
+    iteration (a 3-7 % residual); scaled norms iterate to the float64 floor."""
+    block = fm.IResBlock(hidden=(8,), logdet="exact")
+    x = rng.normal(size=(3, 4))
+    params = block.init(rng, x)
+    y = 1e160 * block.forward(params, x)[0]
+    x_big, info = block.invert(params, y)
+    resid = np.abs(block.forward(params, x_big)[0] - y).max() / np.abs(y).max()
+    assert info.n_iter > 5 and resid < 64 * np.finfo(float).eps
+
+
+def test_fixed_point_wrong_lipschitz_or_expanding_map_raises():
+    y = np.ones((2, 3))
+    # g = 0.9 x contracts by 0.9 per step, not by the claimed 0.1
+    with pytest.raises(ValueError, match=r"`lipschitz` = 0.1 is not a Lipschitz constant"):
+        solve_fixed_point(lambda x: 0.9 * x, y, 0.1, tol=1e-12, max_iter=1000)
+    with pytest.raises(ValueError, match=r"`g` is not a contraction"):
+        solve_fixed_point(lambda x: 2.0 * x, y, 0.5, tol=1e-12, max_iter=1000)
+    # a correct claim converges: x* = y / 1.9
+    x, info = solve_fixed_point(lambda x: 0.9 * x, y, 0.9, tol=1e-12, max_iter=1000)
+    np.testing.assert_allclose(x, y / 1.9, rtol=1e-11)

@@ -100,7 +100,38 @@ class FixedPointInfo:
 
 
 def _row_norm(a):
-    return np.sqrt(np.sum(np.asarray(a, dtype=np.float64) ** 2, axis=1))
+    """Euclidean norm of every row, scaled by the row's largest entry first so that it neither
+    overflows (1e160 squared) nor underflows."""
+    a = np.asarray(a, dtype=np.float64)
+    m = np.max(np.abs(a), axis=1)
+    safe = np.where(m > 0, m, 1.0)
+    return m * np.sqrt(np.sum((a / safe[:, None]) ** 2, axis=1))
+
+
+def _check_step(x, x_prev, step, y_norm, L, eps, k):
+    """The new step ``||x^k - x^{k-1}||``, after checking it is at most ``L`` times the last
+    (up to rounding): otherwise ``L`` is not a Lipschitz constant of ``g`` (or ``g`` expands)
+    and every Banach bound would be wrong."""
+    if not np.all(np.isfinite(x)):
+        raise ValueError(
+            f"`g` must return finite values; got NaN or inf at iteration {k} (the map is not "
+            "a contraction, or its parameters overflow)"
+        )
+    new_step = _row_norm(x - x_prev)
+    bad = new_step > L * step + 32 * eps * (y_norm + _row_norm(x))
+    if np.any(bad):
+        ratios = np.where(bad, new_step / np.maximum(step, 1e-300), -np.inf)
+        i = int(np.argmax(ratios))
+        what = (
+            "`g` is not a contraction (a step grew)"
+            if ratios[i] >= 1
+            else f"`lipschitz` = {L!r} is not a Lipschitz constant of `g`"
+        )
+        raise ValueError(
+            f"{what}: at iteration {k} the step of sample {i} shrank only by a factor "
+            f"{ratios[i]:.4g} > `lipschitz` = {L:.6g}; the Banach error bounds would be wrong"
+        )
+    return new_step
 
 
 def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, record: bool = False):
@@ -129,11 +160,23 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
     x : ndarray (n, d)
     info : FixedPointInfo
 
+    Every step is checked against the contraction the bounds assume,
+    :math:`\\|x^{k+1} - x^k\\| \\le L \\|x^k - x^{k-1}\\| + \\delta` (``delta = 32 eps
+    (||y_i|| + ||x_i||)`` for rounding), and the answer against its *measured* residual,
+    :math:`\\|y - x - g(x)\\| / (1 - L)
+    \\le \\max(\\text{tol} \\max(1, \\|y_i\\|), \\delta / (1 - L))`:
+    a wrong ``lipschitz`` or an expanding ``g`` raises instead of returning its last iterate.
+    Norms are computed scaled, so that ``y`` of any finite magnitude works.
+
     Raises
     ------
     FixedPointError
         When ``max_iter`` evaluations do not bring the bound below the tolerance (the message
-        gives the bound achieved and the a priori count needed).
+        gives the bound achieved and the a priori count needed), or when the measured residual
+        of the answer misses the tolerance.
+    ValueError
+        When a step shrinks by less than ``lipschitz`` promises (``lipschitz`` is not a Lipschitz
+        constant of ``g``, or ``g`` expands), or ``g`` returns non-finite values.
 
     References
     ----------
@@ -143,12 +186,15 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
     if not 0.0 <= L < 1.0:
         raise ValueError(f"`lipschitz` must lie in [0, 1) for a contraction; got {L!r}")
     y = np.asarray(y)
-    scale = np.maximum(1.0, _row_norm(y))
+    y_norm = _row_norm(y)
+    scale = np.maximum(1.0, y_norm)
     thresh = tol * scale
+    eps = float(np.finfo(y.dtype).eps) if y.dtype.kind == "f" else float(np.finfo(float).eps)
     x_prev = y
     x = y - g(y)
     k = 1
     d0 = _row_norm(x - x_prev)
+    step = d0
     hist_x = [y, x] if record else None
     hist_pri = [np.full(len(y), np.inf)] if record else None
     hist_post = [np.full(len(y), np.inf)] if record else None
@@ -177,10 +223,20 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
         x_prev = x
         x = y - g(x)
         k += 1
+        step = _check_step(x, x_prev, step, y_norm, L, eps, k)
         if record:
             hist_x.append(x)
     _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
     resid = _row_norm(y - x - g(x)) / (1.0 - L)
+    floor = 32 * eps * (y_norm + _row_norm(x)) / (1.0 - L)  # what rounding alone leaves
+    miss = ~(resid <= np.maximum(thresh, floor))
+    if np.any(miss):
+        i = int(np.argmax(np.where(miss, resid / thresh, -np.inf)))
+        raise FixedPointError(
+            "fixed-point inverse missed its tolerance on the measured residual: "
+            f"||y - x - g(x)|| / (1 - L) = {resid[i]:.3e} > {thresh[i]:.3e} at sample {i} "
+            f"after {k} iterations (`lipschitz` = {L:.6g} may be too small)"
+        )
     history = None
     if record:
         history = {
