@@ -73,7 +73,7 @@ from .._xp import getval, is_box
 from ._tree import tree_flatten
 from .controller import _check_tolerance
 from .loop import Counts, Trace
-from .step import combine, traced_step
+from .step import combine, stage_time, traced_step
 
 __all__ = [
     "ADJOINTS",
@@ -228,6 +228,20 @@ def make_vjp_fun(f, params, layout, leaves_raw, need_params, rebuild=None):
             return flat(dydt), flat(a_y), (flat_params(a_p) if need_params else None)
 
         return vjp
+
+    if not layout.single:
+        # a pytree state: autograd differentiates f on the flat vector (make_vjp needs an
+        # array output)
+        f_state = f
+
+        def f(t, yflat, p):
+            return layout.flat_traced(f_state(t, layout.unflat_state_traced(yflat), p))
+
+        def unflat(v):
+            return v
+
+        def flat(v):
+            return np.asarray(v, dtype=np.float64)
 
     def vjp(t, yflat, aflat):
         y = unflat(yflat)
@@ -436,7 +450,9 @@ class _Context:
         n_vjp = 0
         b_live = b != 0
         for n in range(n_steps - 1, -1, -1):
-            t_n, h, _, Y, t_first = tr.steps[n]  # Y: the stage inputs stored by the forward pass
+            t_n, h, _, Y, t_first, t_cap = tr.steps[
+                n
+            ]  # Y: the stage inputs stored by the forward pass
             # Cotangents of the stage derivatives K_i: y_{n+1} = y_n + h sum b_i K_i and the
             # dense outputs y_n + h sum w_i(theta) K_i.
             np.multiply.outer(h * b, a, out=Kbar)
@@ -450,7 +466,9 @@ class _Context:
             for i in range(s - 1, -1, -1):
                 if not live[i]:
                     continue
-                ti = t_first if (i == 0 and t_first is not None) else t_n + c[i] * h
+                ti = (
+                    t_first if (i == 0 and t_first is not None) else stage_time(t_n, c[i], h, t_cap)
+                )
                 _, a_y, a_p = vjp(ti, Y[i], Kbar[i])
                 n_vjp += 1
                 abar += a_y
@@ -580,9 +598,9 @@ def _direct(ctx, f_flat, t_arg, y0flat, leaves):
 
     K_last = None
     n_f = 0
-    for n, (t_n, h, _, _, t_first) in enumerate(tr.steps):
+    for n, (t_n, h, _, _, t_first, t_cap) in enumerate(tr.steps):
         K1 = K_last if (tab.fsal and t_first is None) else None
-        y_new, K, nf = traced_step(f, t_n, y, h, tab, K1, t_first)
+        y_new, K, nf = traced_step(f, t_n, y, h, tab, K1, t_first, t_cap)
         n_f += nf
         for k, theta in tr.dense_out.get(n, ()):
             outs[k] = combine(y, h, tab.dense_weights(theta), K)

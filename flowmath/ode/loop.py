@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _counters
 from .controller import select_initial_step
 from .step import stage_plan, stages
 from .tableau import ButcherTableau
@@ -50,7 +51,7 @@ __all__ = [
     "run",
 ]
 
-#: Step-size floor: steps are at least this many units in the last place of |t| (scipy's 10).
+#: Step-size floor: steps are at least this many units in the last place of ``|t|`` (scipy's 10).
 STEP_FLOOR_ULPS = 10.0
 #: Default cap on attempted steps (accepted + rejected) of one solve.
 DEFAULT_MAX_STEPS = 10_000
@@ -64,12 +65,14 @@ class ODESolverError(RuntimeError):
 class Trace:
     """What a forward pass records: the accepted steps and where the outputs came from.
 
-    ``steps[n] = (t_n, h_n, y_n, inputs_n, t_first_n)``: ``y_n`` the flat state at the start of
-    step ``n``, ``inputs_n`` the list of its ``s`` stage inputs when ``store_stages`` (else
-    ``None``), ``t_first_n`` the time at which its first stage was evaluated when that was a
-    fresh evaluation (``t_n``, or just past a forced boundary), ``None`` when it was reused
-    from the previous step (First-Same-As-Last).  ``node_out[m]`` lists the output indices equal
-    to the state after ``m`` accepted steps; ``dense_out[n]`` lists ``(k, theta)`` for outputs
+    ``steps[n] = (t_n, h_n, y_n, inputs_n, t_first_n, t_cap_n)``: ``y_n`` the flat state at
+    the start of step ``n``, ``inputs_n`` the list of its ``s`` stage inputs when
+    ``store_stages`` (else ``None``), ``t_first_n`` the time at which its first stage was
+    evaluated when that was a fresh evaluation (``t_n``, or just past a forced boundary),
+    ``None`` when it was reused from the previous step (First-Same-As-Last); ``t_cap_n`` the
+    left limit of the forced boundary the step ends on (its stage times are held there), else
+    ``None``.  ``node_out[m]`` lists the output indices equal to the state after ``m``
+    accepted steps; ``dense_out[n]`` lists ``(k, theta)`` for outputs
     interpolated inside step ``n``.  ``store_K`` keeps each accepted step's stage derivatives
     ``K`` (shape ``(s, N)``) in ``Ks`` (dense output after the solve).
     """
@@ -123,6 +126,11 @@ def _nonfinite_error(method, t, h, what):
         f"{method}: non-finite {what} (NaN or inf) at t={t!r} with step h={h!r}; the dynamics "
         "overflow or are undefined there"
     )
+
+
+def _left_limit(tj, direction):
+    """The last float before the forced boundary ``tj`` in the direction of integration."""
+    return float(np.nextafter(tj, tj - direction))
 
 
 def _step_floor(t):
@@ -273,6 +281,8 @@ def run(
     if ev is not None:
         res.t_events = [np.array(x) for x in ev.t_found]
         res.y_events = [np.array(x).reshape(len(x), n) for x in ev.y_found]
+    if k < T:  # a solve ran: report it to flowmath.testing.count_iterations
+        _counters.record(ode_solves=1, ode_steps=counts.n_steps, ode_nfe=counts.nfe)
     return res
 
 
@@ -347,7 +357,8 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, jump_t, ev, trace, res, wh
             else:
                 K[0] = fun(t_first, y)
             f_next = None
-            _, inputs = stages(fun, t, y, h, K, plan, store)
+            t_cap = _left_limit(tb, direction) if (j == mk - 1 and tb in jump_set) else None
+            _, inputs = stages(fun, t, y, h, K, plan, store, t_cap)
             y_new = y + h * (tab.b @ K)
             counts.nfe += s
             counts.n_steps += 1
@@ -355,7 +366,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, jump_t, ev, trace, res, wh
             if not np.isfinite(y_new).all():
                 raise _nonfinite_error(tab.name, float(t), float(h), what)
             if trace is not None:
-                trace.steps.append((t, h, y, inputs, t_first))
+                trace.steps.append((t, h, y, inputs, t_first, t_cap))
                 if trace.store_K:
                     trace.Ks.append(K.copy())
             if ev is not None:
@@ -488,7 +499,8 @@ def _adaptive(
         if j_next < len(stops) and direction * (t_new - stops[j_next]) >= 0:
             t_new = stops[j_next]  # a forced step boundary
         h = t_new - t
-        y_new, inputs = stages(fun, t, y, h, K, plan, store)
+        t_cap = _left_limit(t_new, direction) if t_new in jump_set else None
+        y_new, inputs = stages(fun, t, y, h, K, plan, store, t_cap)
         counts.nfe += s - 1
         counts.n_steps += 1
         if not fsal:
@@ -533,7 +545,7 @@ def _adaptive(
                 stop = ev.check(t, h, y, y_new, t_new, _interp(tab, t, y, h, K, y_new, fe))
             if stop is not None:
                 if trace is not None:
-                    trace.steps.append((t, h, y, inputs, t_first))
+                    trace.steps.append((t, h, y, inputs, t_first, t_cap))
                     if store_K:
                         trace.Ks.append(K.copy())
                 counts.n_accepted += 1
@@ -551,7 +563,7 @@ def _adaptive(
                     _record(trace, "dense_out", node, (k_next, theta))
                 k_next += 1
             if trace is not None:
-                trace.steps.append((t, h, y, inputs, t_first))
+                trace.steps.append((t, h, y, inputs, t_first, t_cap))
                 if store_K:
                     trace.Ks.append(K.copy())
             counts.n_accepted += 1

@@ -24,7 +24,7 @@ import numpy as np
 
 from .tableau import ButcherTableau
 
-__all__ = ["combine", "dense_point", "stage_plan", "stages", "traced_step"]
+__all__ = ["combine", "dense_point", "stage_plan", "stage_time", "stages", "traced_step"]
 
 
 def stage_plan(tab: ButcherTableau, K: np.ndarray):
@@ -37,20 +37,31 @@ def stage_plan(tab: ButcherTableau, K: np.ndarray):
     return A_rows, K_rows, [float(ci) for ci in tab.c]
 
 
-def stages(fun, t, y, h, K, plan, store):
+def stage_time(t, ci, h, t_cap):
+    """``t + c_i h``, held at ``t_cap`` (the left limit of a forced boundary the step ends on,
+    one ulp before it) when it would reach past it."""
+    ti = t + ci * h
+    if t_cap is not None and (ti - t_cap) * h > 0:
+        return t_cap
+    return ti
+
+
+def stages(fun, t, y, h, K, plan, store, t_cap=None):
     """Stages 2..s of one explicit Runge-Kutta step from ``(t, y)`` with step ``h``, ``K[0]``
     given: fills ``K[1:]`` (shape ``(s, N)``) with
 
     .. math:: K_i = f(t + c_i h, y_i), \\qquad y_i = y + h \\sum_{j<i} a_{ij} K_j
 
     and returns ``(y_s, inputs)``: the last stage input (``y`` when ``s = 1``) and, when
-    ``store``, the list ``[y, y_2, ..., y_s]`` of stage inputs (else ``None``)."""
+    ``store``, the list ``[y, y_2, ..., y_s]`` of stage inputs (else ``None``).  ``t_cap``: see
+    :func:`stage_time` (a step ending on a discontinuity of ``f`` sees its left side)."""
     A_rows, K_rows, c = plan
     inputs = [y] if store else None
     yi = y
     for i in range(1, len(c)):
         yi = y + (h * A_rows[i]) @ K_rows[i]
-        K[i] = fun(t + c[i] * h, yi)
+        ti = t + c[i] * h if t_cap is None else stage_time(t, c[i], h, t_cap)
+        K[i] = fun(ti, yi)
         if store:
             inputs.append(yi)
     return yi, inputs
@@ -73,7 +84,7 @@ def combine(base, h, weights, K):
     return base if acc is None else base + h * acc
 
 
-def traced_step(f, t, y, h, tab: ButcherTableau, K1, t1=None):
+def traced_step(f, t, y, h, tab: ButcherTableau, K1, t1=None, t_cap=None):
     """The differentiable twin of :func:`stages`: one step from ``(t, y)`` traced by autograd.
 
     ``K1`` is ``f(t, y)`` when known (First-Same-As-Last), else ``None`` (evaluated here, at
@@ -88,7 +99,7 @@ def traced_step(f, t, y, h, tab: ButcherTableau, K1, t1=None):
     yi = y
     for i in range(1, tab.n_stages):
         yi = combine(y, h, A[i, :i], K)
-        K.append(f(t + c[i] * h, yi))
+        K.append(f(stage_time(t, c[i], h, t_cap), yi))
         n_f += 1
     y_new = yi if tab.fsal else combine(y, h, tab.b, K)
     return y_new, K, n_f
