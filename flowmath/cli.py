@@ -1,4 +1,5 @@
-"""The ``flowmath`` command: ``flowmath list`` and ``flowmath reproduce [NAME ...] [--quick]``.
+"""The ``flowmath`` command: ``flowmath list``, ``flowmath reproduce [NAME ...] [--quick]`` and
+``flowmath verify [--quick] [NAME ...]`` (:mod:`flowmath.verify`).
 
 Where ``reproduce`` writes (paths relative to the working directory):
 
@@ -145,6 +146,13 @@ def main(argv=None) -> int:
         help="stop at the first failing experiment with its traceback",
     )
     p_rep.set_defaults(func=_cmd_reproduce)
+    # `flowmath verify ...` has its own parser (flowmath.verify.main); listed here for --help
+    sub.add_parser("verify", help="check the theory's claims (flowmath verify --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ._checks import check_int, check_rng
+from ._checks import check_float_dtype, check_int, check_rng
 from ._xp import array_namespace, getval
 from .layers.base import Bijection, sum_except_batch
 
@@ -29,6 +29,7 @@ class StandardNormal:
 
     def sample(self, rng: np.random.Generator, shape, dtype=np.float64):
         check_rng(rng)
+        dtype = check_float_dtype(dtype)
         return rng.standard_normal(tuple(shape)).astype(dtype, copy=False)
 
     def __repr__(self) -> str:
@@ -50,7 +51,7 @@ class StandardLogistic:
         u = rng.uniform(size=tuple(shape))
         # inverse CDF; uniform draws are in [0, 1), 0 has probability 2^-53: nudge it inside
         u = np.clip(u, np.finfo(np.float64).tiny, None)
-        return (np.log(u) - np.log1p(-u)).astype(dtype, copy=False)
+        return (np.log(u) - np.log1p(-u)).astype(check_float_dtype(dtype), copy=False)
 
     def __repr__(self) -> str:
         return "StandardLogistic()"
@@ -121,6 +122,7 @@ class Flow:
     def _draw(self, params, n, rng, dtype):
         check_int(n, "n", minimum=1)
         check_rng(rng)
+        dtype = check_float_dtype(dtype)  # an integer dtype would truncate the latents
         if self.latent_shape is None:
             raise ValueError("`Flow.sample` needs the event shape: call `flow.init(rng, x)` first")
         z = self.base.sample(rng, (n,) + self.latent_shape, dtype)

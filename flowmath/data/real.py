@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -160,10 +162,18 @@ def load_mnist5000(*, split: str = "all", shape: str = "flat") -> tuple[np.ndarr
     return _load_bundled("mnist5000.npz", 28, split, shape)
 
 
-def _open_maybe_gzip(path: Path) -> bytes:
+def _open_maybe_gzip(path: Path, name: str = "path") -> bytes:
+    if not path.is_file():
+        raise ValueError(f"`{name}` must be an existing file; got {str(path)!r}")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ValueError(
+                f"`{name}` must be a readable gzip file; {str(path)!r} is truncated or corrupt "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     return raw
 
 
@@ -182,11 +192,14 @@ def load_idx(path) -> np.ndarray:
     -------
     ndarray with the header's shape, in native byte order.
     """
-    path = Path(path)
-    raw = _open_maybe_gzip(path)
+    return _load_idx(Path(path), "path")
+
+
+def _load_idx(path: Path, name: str) -> np.ndarray:
+    raw = _open_maybe_gzip(path, name)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
-            f"`path` must be an IDX file (magic 0x00 0x00 <type> <ndim>); got header "
+            f"`{name}` must be an IDX file (magic 0x00 0x00 <type> <ndim>); got header "
             f"{raw[:4].hex(' ')!r} in {str(path)!r}"
         )
     dtype = _IDX_DTYPES[raw[2]]
@@ -194,17 +207,45 @@ def load_idx(path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(
-            f"`path` is a truncated IDX file: header needs {header} bytes; got {len(raw)}"
+            f"`{name}` must be a complete IDX file: its header needs {header} bytes; got "
+            f"{len(raw)} in {str(path)!r}"
         )
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(
-            f"`path` must hold {expected} bytes for an IDX array of shape {shape} and dtype "
+            f"`{name}` must hold {expected} bytes for an IDX array of shape {shape} and dtype "
             f"{dtype.name}; got {len(raw)} in {str(path)!r}"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
+
+
+def _read_npz(path: Path, keys):
+    """``(images, labels or None)`` from an ``.npz``; a corrupt archive or member is a
+    ``ValueError`` naming the file."""
+    try:
+        with np.load(path) as f:
+            if keys[0] not in f.files:
+                raise ValueError(
+                    f"`keys[0]` must name the images in the archive, one of {f.files}; "
+                    f"got {keys[0]!r}"
+                )
+            images = np.asarray(f[keys[0]])
+            labels = np.asarray(f[keys[1]]) if keys[1] in f.files else None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, KeyError) as exc:
+        raise ValueError(
+            f"`path` must be a readable .npz archive; {str(path)!r} is truncated or corrupt "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    except ValueError as exc:
+        if str(exc).startswith("`keys[0]`"):
+            raise
+        raise ValueError(
+            f"`path` must be a readable .npz archive of plain arrays; reading {str(path)!r} "
+            f"failed: {exc}"
+        ) from exc
+    return images, labels
 
 
 def load_mnist(path, labels_path=None, *, keys=("images", "labels"), shape: str = "flat"):
@@ -251,24 +292,21 @@ def load_mnist(path, labels_path=None, *, keys=("images", "labels"), shape: str 
             raise ValueError(
                 "`labels_path` must be None for an .npz archive; labels are read with `keys`"
             )
-        with np.load(path) as f:
-            if keys[0] not in f.files:
-                raise ValueError(
-                    f"`keys[0]` must name the images in the archive, one of {f.files}; "
-                    f"got {keys[0]!r}"
-                )
-            images = f[keys[0]]
-            if keys[1] in f.files:
-                labels = f[keys[1]]
+        images, labels = _read_npz(path, keys)
     else:
-        images = load_idx(path)
+        images = _load_idx(path, "path")
         if labels_path is not None:
-            labels = load_idx(labels_path)
+            labels = _load_idx(Path(labels_path), "labels_path")
+    if images.dtype.kind not in "iuf":
+        raise ValueError(
+            f"`path` must hold numeric pixel values; got dtype {images.dtype} in {str(path)!r}"
+        )
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
-    if images.ndim != 3:
+    if images.ndim != 3 or images.size == 0:
         raise ValueError(
-            f"`path` must hold images of shape (n, h, w) or (n, 1, h, w); got shape {images.shape}"
+            "`path` must hold a non-empty stack of images of shape (n, h, w) or (n, 1, h, w); "
+            f"got shape {images.shape} in {str(path)!r}"
         )
     if images.dtype != np.uint8:
         if not (np.all(images == np.round(images)) and images.min() >= 0 and images.max() <= 255):

@@ -163,9 +163,46 @@ def _c(x):
     return np.ascontiguousarray(x, dtype=np.float64)
 
 
+def _checked(z, W0, b0, W1, b1, *, square=False, **cotangents):
+    """Check every array before a kernel sees it (the kernels index without bounds checks, so a
+    bias one entry short would read or write past its buffer): real dtype, ``z`` of shape
+    ``(n, d)``, ``W0`` ``(d, H)``, ``b0`` ``(H,)``, ``W1`` ``(H, d_out)``, ``b1`` ``(d_out,)``
+    (``d_out = d`` when ``square``) and each cotangent shaped like its output. Returns
+    C-contiguous float64 copies ``(z, W0, b0, W1^T, b1, *cotangents)``."""
+    arrays = {"z": z, "W0": W0, "b0": b0, "W1": W1, "b1": b1, **cotangents}
+    for name, a in arrays.items():
+        if not hasattr(a, "dtype") or a.dtype.kind not in "fiu":
+            raise TypeError(
+                f"`{name}` must be a real NumPy array; got {getattr(a, 'dtype', type(a).__name__)}"
+            )
+    n, d = z.shape if z.ndim == 2 else (None, None)
+    H = W0.shape[1] if W0.ndim == 2 else None
+    d_out = W1.shape[1] if W1.ndim == 2 else None
+    want = {
+        "z": (n, d),
+        "W0": (d, H),
+        "b0": (H,),
+        "W1": (H, d if square else d_out),
+        "b1": (d if square else d_out,),
+    }
+    for name in cotangents:
+        want[name] = (n,) if name == "at" else (n, d if square else d_out)
+    for name, shape in want.items():
+        got = arrays[name].shape
+        if None in shape or got != shape:
+            want_str = ", ".join("?" if s is None else str(s) for s in shape)
+            raise ValueError(
+                f"`{name}` must have shape ({want_str}"
+                f"{',' if len(shape) == 1 else ''}) for the fused tanh-MLP kernel (z (n, d), W0 "
+                f"(d, H), b0 (H,), W1 (H, d_out), b1 (d_out,)); got {got}"
+            )
+    out = [_c(z), _c(W0), _c(b0), _c(W1.T), _c(b1)]
+    return (*out, *(_c(a) for a in cotangents.values()))
+
+
 def mlp1_forward(z, W0, b0, W1, b1):
     """``tanh(z W0 + b0) W1 + b1`` for ``z`` of shape ``(n, d)``."""
-    z, W0, b0, W1T, b1 = map(_c, (z, W0, b0, W1.T, b1))
+    z, W0, b0, W1T, b1 = _checked(z, W0, b0, W1, b1)
     f = np.empty((z.shape[0], W1T.shape[0]))
     _mlp1_forward(z, W0, b0, W1T, b1, f)
     return f
@@ -173,7 +210,7 @@ def mlp1_forward(z, W0, b0, W1, b1):
 
 def mlp1_vjp(z, a, W0, b0, W1, b1):
     """``(f, gz, gW0, gb0, gW1, gb1)``: the value and the VJP with cotangent ``a``."""
-    z, a, W0, b0, W1T, b1 = map(_c, (z, a, W0, b0, W1.T, b1))
+    z, W0, b0, W1T, b1, a = _checked(z, W0, b0, W1, b1, a=a)
     f = np.empty((z.shape[0], W1T.shape[0]))
     gz = np.empty_like(z)
     gW0, gb0, gW1T, gb1 = (
@@ -188,7 +225,7 @@ def mlp1_vjp(z, a, W0, b0, W1, b1):
 
 def cnf1_forward(z, W0, b0, W1, b1):
     """``(f, tr)``: the field and its exact divergence, shapes ``(n, d)`` and ``(n,)``."""
-    z, W0, b0, W1T, b1 = map(_c, (z, W0, b0, W1.T, b1))
+    z, W0, b0, W1T, b1 = _checked(z, W0, b0, W1, b1, square=True)
     c = np.sum(W0 * W1T, axis=0)
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])
@@ -199,7 +236,7 @@ def cnf1_forward(z, W0, b0, W1, b1):
 def cnf1_vjp(z, af, at, W0, b0, W1, b1):
     """``(f, tr, gz, gW0, gb0, gW1, gb1)``: value and VJP of ``[f, tr]`` with cotangents
     ``(af, at)``; the weights' gradients include the path through ``c = diag(W0 W1)``."""
-    z, af, at, W0, b0, W1T, b1 = map(_c, (z, af, at, W0, b0, W1.T, b1))
+    z, W0, b0, W1T, b1, af, at = _checked(z, W0, b0, W1, b1, square=True, af=af, at=at)
     c = np.sum(W0 * W1T, axis=0)
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])

@@ -54,6 +54,8 @@ def _tanh_kernel(x, h, d1, d2, order):
 
 def _run(x, order):
     x = np.ascontiguousarray(x)
+    if x.dtype.kind not in "fiub":  # a complex x would lose its imaginary part
+        raise TypeError(f"`x` must be a real array; got dtype {x.dtype}")
     if x.dtype != np.float64 and x.dtype != np.float32:
         x = x.astype(np.float64)
     h = np.empty_like(x)

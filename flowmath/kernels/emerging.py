@@ -147,6 +147,32 @@ def _ar_solve_kernel(w, d, y):  # pragma: no cover - compiled; its .py_func is t
     return x
 
 
+def _checked(w, d, y):
+    """Shapes, dtypes and contiguity before the kernel (it indexes without bounds checks):
+    ``y`` ``(n, c, h, w)`` float32/float64, ``w`` ``(c, c, k, k)`` with ``k`` odd, ``d`` ``(c,)``
+    non-zero; returns C-contiguous ``w, d`` in ``y``'s dtype and ``y``."""
+    y = np.asarray(y)
+    if y.dtype not in (np.float32, np.float64):
+        raise TypeError(f"`y` must be a float32 or float64 array; got dtype {y.dtype}")
+    if y.ndim != 4:
+        raise ValueError(f"`y` must have shape (n, c, h, w); got {y.shape}")
+    c = y.shape[1]
+    w, d = np.asarray(w), np.asarray(d)
+    if w.dtype.kind != "f" or d.dtype.kind != "f":
+        raise TypeError(f"`w` and `d` must be real floating arrays; got {w.dtype}, {d.dtype}")
+    if w.ndim != 4 or w.shape[:2] != (c, c) or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+        raise ValueError(f"`w` must have shape ({c}, {c}, k, k) with k odd; got {w.shape}")
+    if d.shape != (c,):
+        raise ValueError(f"`d` must have shape ({c},); got {d.shape}")
+    if not np.all(d != 0):
+        raise ValueError("`d` must be non-zero (the diagonal of a triangular system)")
+    return (
+        np.ascontiguousarray(w, dtype=y.dtype),
+        np.ascontiguousarray(d, dtype=y.dtype),
+        np.ascontiguousarray(y),
+    )
+
+
 @primitive
 def ar_solve(w, d, y):
     """Solve ``A_{w,d} x = y`` for ``x`` by forward substitution (numba kernel).
@@ -169,10 +195,8 @@ def ar_solve(w, d, y):
     Cost ``O(n c^2 k^2 h w)``: linear in the number of pixels, like the forward convolution.
     Differentiable by autograd in all three arguments (to any order).
     """
-    y = np.ascontiguousarray(y)
-    return _ar_solve_kernel(
-        np.ascontiguousarray(w, dtype=y.dtype), np.ascontiguousarray(d, dtype=y.dtype), y
-    )
+    w, d, y = _checked(w, d, y)
+    return _ar_solve_kernel(w, d, y)
 
 
 def _solve_transpose(w, d, g):

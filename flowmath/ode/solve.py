@@ -132,7 +132,20 @@ def _make_flat_fun(f, params, layout):
             if not checked:
                 _check_out(out, shape)
                 checked = True
-            return np.asarray(out, dtype=np.float64).reshape(n)
+            arr = np.asarray(out)
+            # every call, not only the first: a shape change or a complex dy/dt for a real
+            # state would otherwise be reshaped or truncated to its real part silently
+            if arr.shape != shape:
+                raise ValueError(
+                    f"`f` must return dy/dt with the shape of `y0` {shape} at every call; got "
+                    f"{arr.shape} at t = {float(t)!r}"
+                )
+            if arr.dtype.kind not in "fiub":
+                raise TypeError(
+                    f"`f` must return real dy/dt for the real state `y0`; got dtype {arr.dtype} "
+                    f"at t = {float(t)!r}"
+                )
+            return arr.astype(np.float64, copy=False).reshape(n)
 
         return fun
 
