@@ -11,7 +11,7 @@ FullLinear             O(d^3) (LU solve)   O(d^3) (slogdet)
 DiagonalLinear         O(d)                O(d)
 TriangularLinear       O(d^2) (subst.)     O(d) (diagonal)
 BlockDiagonalLinear    O(c^2 d) (blocks)   O(c^2 d)
-LULinear               O(d^2) (two subst.) O(d): sum log|s|
+LULinear               O(d^2) (2 subst.)   O(d): sum log|s|
 =====================  ==================  ====================
 
 Parametrisations keep the structured layers invertible for every parameter value (diagonals

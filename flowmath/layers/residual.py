@@ -144,6 +144,14 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
 
     is at most ``tol * max(1, ||y_i||)`` — an error bound, not a step size.
 
+    Every step is checked against the contraction the bounds assume,
+    :math:`\\|x^{k+1} - x^k\\| \\le L \\|x^k - x^{k-1}\\| + \\delta` (``delta = 32 eps
+    (||y_i|| + ||x_i||)`` for rounding), and the answer against its *measured* residual,
+    :math:`\\|y - x - g(x)\\| / (1 - L)
+    \\le \\max(\\text{tol} \\max(1, \\|y_i\\|), \\delta / (1 - L))`:
+    a wrong ``lipschitz`` or an expanding ``g`` raises instead of returning its last iterate.
+    Norms are computed scaled, so that ``y`` of any finite magnitude works.
+
     Parameters
     ----------
     g : callable
@@ -159,14 +167,6 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
     -------
     x : ndarray (n, d)
     info : FixedPointInfo
-
-    Every step is checked against the contraction the bounds assume,
-    :math:`\\|x^{k+1} - x^k\\| \\le L \\|x^k - x^{k-1}\\| + \\delta` (``delta = 32 eps
-    (||y_i|| + ||x_i||)`` for rounding), and the answer against its *measured* residual,
-    :math:`\\|y - x - g(x)\\| / (1 - L)
-    \\le \\max(\\text{tol} \\max(1, \\|y_i\\|), \\delta / (1 - L))`:
-    a wrong ``lipschitz`` or an expanding ``g`` raises instead of returning its last iterate.
-    Norms are computed scaled, so that ``y`` of any finite magnitude works.
 
     Raises
     ------
