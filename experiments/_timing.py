@@ -36,6 +36,7 @@ __all__ = [
     "in_child_process",
     "median_ms",
     "median_ratio",
+    "ratios_of",
     "summary",
     "thread_env_defaults",
     "warm_allocator",
@@ -213,3 +214,9 @@ def summary(times: Mapping[str, Sequence[float]], reference: str) -> dict:
         name: {"median_ms": median_ms(ts), "ratio_to_" + reference: median_ratio(ts, ref)}
         for name, ts in times.items()
     }
+
+
+def ratios_of(times: Mapping[str, Sequence[float]], name: str) -> dict:
+    """``{other: median per-round ratio times[name] / times[other]}`` for every other contender
+    of one :func:`alternate` run (``name`` over its floor, over each baseline)."""
+    return {other: median_ratio(times[name], ts) for other, ts in times.items() if other != name}

@@ -1,6 +1,7 @@
-"""Layer benchmarks W5 (RealNVP, d = 784) and W7 (Glow's 1x1 convolution) against plain torch.
+"""Layer benchmarks W5 (RealNVP, d = 784), W7 (Glow's 1x1 convolution) and a Glow step, against
+their NumPy floor and plain torch on one and two threads.
 
-Workloads (``/shared/BENCHMARKS.md``), float32, 2 threads for every library:
+Workloads (the benchmark table of the docs), float32, 2 BLAS threads for NumPy:
 
 - **W5** RealNVP on d = 784: 8 affine couplings with alternating half masks, ``s`` and ``t``
   from one MLP 392 -> 512 -> 512 -> 784 (ReLU; ``s = a * tanh(raw)``), batch 256:
@@ -10,11 +11,21 @@ Workloads (``/shared/BENCHMARKS.md``), float32, 2 threads for every library:
 - **W7** Glow's 1x1 convolution on 256 x 48 x 16 x 16: forward with log-det, LU-parametrised
   (log-det ``h w sum log|s|``) and plain (log-det ``h w slogdet(W)``), against the same two
   parametrisations in torch (``conv2d`` with a 1x1 kernel, as Glow ports do).
+- **Glow step** on 256 x 12 x 16 x 16: ``ActNorm -> InvConv1x1 (LU) -> AffineCoupling("half")``
+  with the conv conditioner 6 -> 64 (3x3) -> 64 (1x1) -> 12 (3x3): (a) forward with log-det;
+  (b) the mean log-likelihood under N(0, I) and its gradient with respect to every parameter.
+
+Every workload has a **floor** row: the minimal NumPy/BLAS calls that do the same arithmetic
+(the matrix products, the im2col copies of a 3x3 convolution, the elementwise maps), with no
+validation and no autograd; flowmath's time over it says how far the library is from what this
+CPU does with NumPy. torch runs twice in the same alternation, with 1 and with 2 intra-op
+threads (``torch.set_num_threads`` before each call).
 
 Timing protocol (the machines are shared and noisy): one process, 32 MiB allocated and freed at
 start, warm-up, then rounds that alternate the implementations (A B A B ...); the figure reported
-is the median over rounds of the per-round ratio flowmath / torch. Baselines are optional: a
-missing torch or zuko is skipped with a message.
+is the median over rounds of the per-round ratio of flowmath to each other row (floor, torch
+1 thread, torch 2 threads). Baselines are optional: a missing torch or zuko is skipped with a
+message.
 
 What was found making W5 BLAS-bound (all fixed in the library or worked around here):
 
@@ -31,7 +42,7 @@ What was found making W5 BLAS-bound (all fixed in the library or worked around h
   here is ``sum * (1/n)``. With it, every cotangent and every product of the backward is float32
   (checked below, with a note if not).
 
-Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7]``; set
+Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7|glow]``; set
 ``FLOWMATH_BENCH_THREADS=1`` to use one thread in every library.
 """
 
@@ -44,7 +55,8 @@ import os
 from experiments._timing import (
     alternate,
     import_baselines,
-    summary,
+    median_ms,
+    ratios_of,
     thread_env_defaults,
     warm_allocator,
 )
@@ -60,7 +72,7 @@ import numpy as np  # noqa: E402
 
 import flowmath as fm  # noqa: E402
 
-__all__ = ["bench_w5", "bench_w7", "main"]
+__all__ = ["bench_glow_step", "bench_w5", "bench_w7", "main"]
 
 NOTES: list[str] = []
 
@@ -81,6 +93,31 @@ def _torch():
 def _alternate(fns: dict, rounds: int) -> dict:
     """Two warm-up calls, then one call per round, order mirrored on odd rounds (A B, B A)."""
     return alternate(fns, rounds, warmup=2, mirror=True)
+
+
+def _torch_threads(torch, fn, fns: dict, name: str = "torch") -> None:
+    """Add ``fn`` twice to ``fns``: ``<name>-1t`` and ``<name>-2t``, each setting torch's
+    intra-op thread count before the call."""
+
+    def with_threads(k):
+        def run():
+            torch.set_num_threads(k)
+            return fn()
+
+        return run
+
+    fns[f"{name}-1t"] = with_threads(1)
+    fns[f"{name}-2t"] = with_threads(2)
+
+
+def _table(times: dict, name: str = "flowmath") -> dict:
+    """``{row: {"median_ms", "fm_over"}}``: each row's median and flowmath's median per-round
+    ratio to it (``fm_over`` is 1 for flowmath itself)."""
+    ratios = ratios_of(times, name)
+    return {
+        row: {"median_ms": median_ms(ts), "fm_over": ratios.get(row, 1.0)}
+        for row, ts in times.items()
+    }
 
 
 # -- W5 -------------------------------------------------------------------------------------------
@@ -237,7 +274,7 @@ def bench_w5(rounds: int = 7) -> dict:
     rng = np.random.default_rng(20261129)
     x = rng.normal(size=(BATCH, D)).astype(np.float32)
     fm_grad, fm_sample, flow, params = _flowmath_w5(x, rng)
-    grads = {"flowmath": fm_grad, "matmul-floor": _floor_w5(params, rng)}
+    grads = {"flowmath": fm_grad, "floor": _floor_w5(params, rng)}
     samples = {"flowmath": fm_sample}
     torch = _torch()
     result = {}
@@ -248,17 +285,41 @@ def bench_w5(rounds: int = 7) -> dict:
             ref = t_logp(torch.from_numpy(x)).numpy()
         err = float(np.max(np.abs(flow.log_prob(params, x) - ref)) / max(1.0, np.abs(ref).max()))
         result["loglik_rel_diff_vs_torch"] = err
-        grads["torch"], samples["torch"] = t_grad, t_sample
+        _torch_threads(torch, t_grad, grads)
+        _torch_threads(torch, t_sample, samples)
         z = _zuko_w5(torch)
         if z is not None:
-            grads["zuko"], samples["zuko"] = z
-    ref = "torch" if "torch" in grads else "flowmath"
-    result["grad"] = summary(_alternate(grads, rounds), ref)
-    result["sample"] = summary(_alternate(samples, rounds), ref)
+            grads["zuko-2t"], samples["zuko-2t"] = (
+                lambda f=f: (torch.set_num_threads(2), f()) for f in z
+            )
+    result["grad"] = _table(_alternate(grads, rounds))
+    result["sample"] = _table(_alternate(samples, rounds))
     return result
 
 
 # -- W7 -------------------------------------------------------------------------------------------
+
+
+def _floor_w7(p_lu, p_plain, x):
+    """W7's arithmetic as plain NumPy: the weight from its LU factors (``c^3``, negligible) and
+    one batched product ``W @ x[n]`` over the ``(n, c, h w)`` view of the contiguous batch; the
+    log-det is ``h w sum(log_s)`` (LU) or ``h w slogdet(W)`` (plain)."""
+    n, c, h, w = x.shape
+    perm = np.rint(p_lu["perm"]).astype(np.intp)
+    eye = np.eye(c, dtype=np.float32)
+    xr = x.reshape(n, c, h * w)
+    ones = np.ones(n, dtype=np.float32)
+
+    def lu():
+        s = p_lu["sign"] * np.exp(p_lu["log_s"])
+        W = ((np.tril(p_lu["lower"], -1) + eye) @ (np.triu(p_lu["upper"], 1) + np.diag(s)))[perm]
+        return np.matmul(W, xr).reshape(n, c, h, w), (h * w * p_lu["log_s"].sum()) * ones
+
+    def slogdet():
+        W = p_plain["weight"]
+        return np.matmul(W, xr).reshape(n, c, h, w), (h * w * np.linalg.slogdet(W)[1]) * ones
+
+    return lu, slogdet
 
 
 def bench_w7(rounds: int = 15) -> dict:
@@ -267,12 +328,19 @@ def bench_w7(rounds: int = 15) -> dict:
     x = rng.normal(size=(n, c, h, w)).astype(np.float32)
     lu, plain = fm.InvConv1x1(lu=True), fm.InvConv1x1(lu=False)
     p_lu, p_plain = lu.init(rng, x), plain.init(rng, x)
+    floor_lu, floor_slogdet = _floor_w7(p_lu, p_plain, x)
     fns = {
         "flowmath-LU": lambda: lu.forward(p_lu, x),
+        "floor-LU": floor_lu,
         "flowmath-slogdet": lambda: plain.forward(p_plain, x),
+        "floor-slogdet": floor_slogdet,
     }
+    y_fm, ld_fm = lu.forward(p_lu, x)
+    y_fl, ld_fl = floor_lu()
+    result = {"y_rel_diff_vs_floor": float(np.abs(y_fm - y_fl).max() / np.abs(y_fl).max())}
+    if y_fm.dtype != np.float32 or ld_fm.dtype != np.float32:
+        _note(f"flowmath W7 output is {y_fm.dtype} / log-det {ld_fm.dtype}, not float32")
     torch = _torch()
-    result = {}
     if torch is not None:
         F = torch.nn.functional
         xt = torch.from_numpy(x)
@@ -297,19 +365,289 @@ def bench_w7(rounds: int = 15) -> dict:
                 )
 
         # the same maps: outputs agree to float32 rounding
-        y_fm, ld_fm = lu.forward(p_lu, x)
         y_t, ld_t = torch_lu()
         y_t, ld_t = y_t.numpy(), ld_t.numpy()
         result["y_rel_diff_vs_torch"] = float(np.abs(y_fm - y_t).max() / np.abs(y_t).max())
         result["logdet_rel_diff_vs_torch"] = float(np.abs(ld_fm - ld_t).max() / abs(ld_t[0]))
-        fns["torch-LU"], fns["torch-slogdet"] = torch_lu, torch_slogdet
+        _torch_threads(torch, torch_lu, fns, "torch-LU")
+        _torch_threads(torch, torch_slogdet, fns, "torch-slogdet")
     times = _alternate(fns, rounds)
-    if torch is None:
-        result["times"] = summary(times, "flowmath-LU")
-        return result
-    lu_sum = summary({k: times[k] for k in ("flowmath-LU", "torch-LU")}, "torch-LU")
-    sl_sum = summary({k: times[k] for k in ("flowmath-slogdet", "torch-slogdet")}, "torch-slogdet")
-    result["LU"], result["slogdet"] = lu_sum, sl_sum
+    for key in ("LU", "slogdet"):
+        rows = {
+            "flowmath": times[f"flowmath-{key}"],
+            "floor": times[f"floor-{key}"],
+        }
+        for k in ("1t", "2t"):
+            if f"torch-{key}-{k}" in times:
+                rows[f"torch-{k}"] = times[f"torch-{key}-{k}"]
+        result[key] = _table(rows)
+    return result
+
+
+# -- Glow step -----------------------------------------------------------------------------------
+
+GLOW_SHAPE, GLOW_HIDDEN = (256, 12, 16, 16), (64, 64)
+
+
+def _pad(a):
+    """Zero-pad the two spatial axes by one: ``(c, n, h, w) -> (c, n, h + 2, w + 2)``."""
+    c, n, h, w = a.shape
+    out = np.zeros((c, n, h + 2, w + 2), a.dtype)
+    out[:, :, 1:-1, 1:-1] = a
+    return out
+
+
+def _conv_cols(a, Wm):
+    """3x3 convolution by im2col in the channel-major layout: ``a`` is ``(c, n, h, w)``, the
+    nine shifted windows of the padded input are stacked as ``(9 c, n h w)`` rows and contracted
+    with ``Wm`` ``(o, 9 c)`` in one GEMM. Returns ``(out (o, n h w), cols)``."""
+    c, n, h, w = a.shape
+    pad = _pad(a)
+    cols = np.empty((9, c, n, h, w), a.dtype)
+    for u in range(3):
+        for t in range(3):
+            cols[3 * u + t] = pad[:, :, u : u + h, t : t + w]
+    cols = cols.reshape(9 * c, n * h * w)
+    return Wm @ cols, cols
+
+
+def _conv_cols_back(g, Wm, cols, shape):
+    """Gradients of :func:`_conv_cols`: ``(gWm, ga (c, n, h, w))``."""
+    c, n, h, w = shape
+    gcols = (Wm.T @ g).reshape(9, c, n, h, w)
+    gpad = np.zeros((c, n, h + 2, w + 2), g.dtype)
+    for u in range(3):
+        for t in range(3):
+            gpad[:, :, u : u + h, t : t + w] += gcols[3 * u + t]
+    return g @ cols.T, gpad[:, :, 1:-1, 1:-1]
+
+
+def _conv_taps(a, Wt):
+    """3x3 convolution by taps, for few output channels: one GEMM ``Wt (9 o, c)`` times the
+    padded input ``(c, n (h+2) (w+2))``, then the nine shifted ``(o, n, h, w)`` windows of the
+    product are summed. Returns ``(out (o, n, h, w), padded input)``."""
+    c, n, h, w = a.shape
+    o = Wt.shape[0] // 9
+    pad = _pad(a)
+    Z = (Wt @ pad.reshape(c, -1)).reshape(9, o, n, h + 2, w + 2)
+    out = Z[0, :, :, :h, :w].copy()
+    for k in range(1, 9):
+        u, t = divmod(k, 3)
+        out += Z[k, :, :, u : u + h, t : t + w]
+    return out, pad
+
+
+def _conv_taps_back(g, Wt, pad):
+    """Gradients of :func:`_conv_taps`: ``(gWt, ga (c, n, h, w))``."""
+    o, n, h, w = g.shape
+    c = pad.shape[0]
+    gZ = np.zeros((9, o, n, h + 2, w + 2), g.dtype)
+    for k in range(9):
+        u, t = divmod(k, 3)
+        gZ[k, :, :, u : u + h, t : t + w] = g
+    gZ = gZ.reshape(9 * o, -1)
+    gpad = (Wt.T @ gZ).reshape(c, n, h + 2, w + 2)
+    return gZ @ pad.reshape(c, -1).T, gpad[:, :, 1:-1, 1:-1]
+
+
+def _floor_glow(params, x):
+    """A Glow step's forward (and its mean-log-likelihood gradient) written out in plain NumPy,
+    the fastest formulation found: the 1x1 convolution as one batched ``matmul`` over the
+    ``(n, c, h w)`` view; the conditioner in the channel-major layout ``(channels, n h w)``, so
+    that every convolution is one GEMM (the first 3x3 by im2col, the 1x1 directly, the last
+    3x3, with few output channels, by taps); every elementwise map one pass; the backward pass
+    by hand. No validation, no autograd: the floor flowmath is measured against."""
+    an, ic, cp = params
+    n, c, h, w = x.shape
+    hw, ca = h * w, c // 2
+    f32 = np.float32
+    loc, ls = an["loc"], an["log_scale"]
+    perm = np.rint(ic["perm"]).astype(np.intp)
+    sign, lower, upper, log_s = ic["sign"], ic["lower"], ic["upper"], ic["log_s"]
+    eye = np.eye(c, dtype=f32)
+    (W1, b1), (W2, b2), (W3, b3) = ((q["W"], q["b"]) for q in cp["net"])
+    o1, o2, o3 = W1.shape[0], W2.shape[0], W3.shape[0]
+    amp = cp["scale"].reshape(1, ca, 1)
+    const = f32(0.5 * c * hw * math.log(2 * math.pi))
+
+    def run(grad):
+        e = np.exp(ls)
+        a0 = ((x - loc) * e).reshape(n, c, hw)
+        s_ = sign * np.exp(log_s)
+        L, U = np.tril(lower, -1) + eye, np.triu(upper, 1) + np.diag(s_)
+        Wc = (L @ U)[perm]
+        z = np.matmul(Wc, a0)
+        za, zb = z[:, :ca], z[:, ca:]
+        W1m = W1.transpose(0, 2, 3, 1).reshape(o1, 9 * ca)
+        W2m = W2.reshape(o2, o1)
+        W3t = W3.transpose(2, 3, 0, 1).reshape(9 * o3, o2)
+        za_cm = np.ascontiguousarray(za.transpose(1, 0, 2)).reshape(ca, n, h, w)
+        h1, cols1 = _conv_cols(za_cm, W1m)
+        h1 += b1[:, None]
+        np.maximum(h1, 0, out=h1)
+        h2 = W2m @ h1
+        h2 += b2[:, None]
+        np.maximum(h2, 0, out=h2)
+        out, pad3 = _conv_taps(h2.reshape(o2, n, h, w), W3t)
+        out += b3[:, None, None, None]
+        out = np.ascontiguousarray(out.reshape(o3, n, hw).transpose(1, 0, 2))
+        th = np.tanh(out[:, :ca])
+        s = amp * th
+        es = np.exp(s)
+        yb = zb * es + out[:, ca:]
+        ld = hw * (ls.sum() + log_s.sum()) + s.sum(axis=(1, 2))
+        y = np.concatenate([za, yb], axis=1)
+        if not grad:
+            return y.reshape(n, c, h, w), ld
+        loss = np.mean(-0.5 * np.einsum("nij,nij->n", y, y) - const + ld)
+        inv_n = f32(1.0 / n)
+        gy = y * -inv_n
+        gyb = gy[:, ca:]
+        gs = gyb * zb * es + inv_n
+        g_amp = np.sum(gs * th, axis=(0, 2))
+        gout = np.concatenate([gs * amp * (1 - th * th), gyb], axis=1)
+        gout_cm = np.ascontiguousarray(gout.transpose(1, 0, 2)).reshape(o3, n, h, w)
+        gW3t, gh2 = _conv_taps_back(gout_cm, W3t, pad3)
+        gh2 = gh2.reshape(o2, -1) * (h2 > 0)
+        gW2 = gh2 @ h1.T
+        gh1 = W2m.T @ gh2
+        gh1 *= h1 > 0
+        gW1, gza_cm = _conv_cols_back(gh1, W1m, cols1, (ca, n, h, w))
+        gza = gza_cm.reshape(ca, n, hw).transpose(1, 0, 2) + gy[:, :ca]
+        gz = np.concatenate([gza, gyb * es], axis=1)
+        gWc = np.matmul(gz, a0.transpose(0, 2, 1)).sum(0)
+        ga0 = np.matmul(Wc.T, gz)
+        gLU = np.empty_like(gWc)
+        gLU[perm] = gWc
+        gUf = L.T @ gLU
+        grads = [
+            {
+                "loc": (-e.ravel() * ga0.sum(axis=(0, 2))).reshape(loc.shape),
+                "log_scale": ((ga0 * a0).sum(axis=(0, 2)) + hw).reshape(ls.shape),
+            },
+            {
+                "lower": np.tril(gLU @ U.T, -1),
+                "upper": np.triu(gUf, 1),
+                "log_s": np.diag(gUf) * s_ + hw,
+            },
+            {
+                "net": [
+                    {"W": gW1.reshape(o1, 3, 3, ca).transpose(0, 3, 1, 2), "b": gh1.sum(1)},
+                    {"W": gW2.reshape(o2, o1, 1, 1), "b": gh2.sum(1)},
+                    {"W": gW3t.reshape(3, 3, o3, o2).transpose(2, 3, 0, 1), "b": gout.sum((0, 2))},
+                ],
+                "scale": g_amp.reshape(cp["scale"].shape),
+            },
+        ]
+        return loss, grads
+
+    return run
+
+
+def _torch_glow(torch, params, x):
+    """The same Glow step in plain torch (``conv2d``), with flowmath's parameters."""
+    F = torch.nn.functional
+    an, ic, cp = params
+    n, c, h, w = x.shape
+    hw, ca = h * w, c // 2
+
+    def leaf(a):
+        return torch.from_numpy(np.array(a, dtype=np.float32)).requires_grad_(True)
+
+    loc, ls = leaf(an["loc"]), leaf(an["log_scale"])
+    perm = torch.from_numpy(np.rint(ic["perm"]).astype(np.int64))
+    sign = torch.from_numpy(np.array(ic["sign"], dtype=np.float32))
+    lower, upper, log_s = leaf(ic["lower"]), leaf(ic["upper"]), leaf(ic["log_s"])
+    net = [(leaf(q["W"]), leaf(q["b"])) for q in cp["net"]]
+    amp = leaf(cp["scale"])
+    leaves = [loc, ls, lower, upper, log_s, amp] + [t for pair in net for t in pair]
+    eye = torch.eye(c)
+    xt = torch.from_numpy(x)
+    const = 0.5 * c * hw * math.log(2 * math.pi)
+
+    def forward(v):
+        v = (v - loc) * torch.exp(ls)
+        W = (
+            (torch.tril(lower, -1) + eye)
+            @ (torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_s)))
+        )[perm]
+        v = F.conv2d(v, W.view(c, c, 1, 1))
+        va, vb = v[:, :ca], v[:, ca:]
+        hh = va
+        for k, (Wk, bk) in enumerate(net):
+            hh = F.conv2d(hh, Wk, bk, padding=Wk.shape[-1] // 2)
+            if k < len(net) - 1:
+                hh = torch.relu(hh)
+        raw, t = hh.chunk(2, dim=1)
+        s = amp * torch.tanh(raw)
+        ld = hw * (ls.sum() + log_s.sum()) + s.sum(dim=(1, 2, 3))
+        return torch.cat([va, vb * torch.exp(s) + t], dim=1), ld
+
+    def fwd():
+        with torch.no_grad():
+            return forward(xt)
+
+    def grad_step():
+        for t in leaves:
+            t.grad = None
+        y, ld = forward(xt)
+        lp = (-0.5 * (y * y).sum(dim=(1, 2, 3)) - const + ld).mean()
+        lp.backward()
+        return lp
+
+    return fwd, grad_step
+
+
+def bench_glow_step(rounds: int = 7) -> dict:
+    rng = np.random.default_rng(20261129)
+    x = rng.normal(size=GLOW_SHAPE).astype(np.float32)
+    step = fm.GlowStep(GLOW_HIDDEN)
+    flow = fm.Flow(step)
+    params = flow.init(rng, x)
+    n = x.shape[0]
+
+    def loss(p):
+        return anp.sum(flow.log_prob(p, x)) * (1.0 / n)
+
+    value_and_grad = autograd.value_and_grad(loss)
+    floor = _floor_glow(params, x)
+    result = {}
+    # the floor does the same arithmetic: same log-likelihood and gradient to float32 rounding
+    v_fm, g_fm = value_and_grad(params)
+    v_fl, g_fl = floor(True)
+    rel = []
+    for path, ref in (
+        ((0, "log_scale"), g_fl[0]["log_scale"]),
+        ((1, "log_s"), g_fl[1]["log_s"]),
+        ((2, "scale"), g_fl[2]["scale"]),
+    ):
+        got = g_fm[path[0]][path[1]]
+        rel.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
+    for k in range(3):
+        for key in ("W", "b"):
+            got, ref = g_fm[2]["net"][k][key], g_fl[2]["net"][k][key]
+            rel.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
+    result["loss_rel_diff_vs_floor"] = float(abs(v_fm - v_fl) / abs(v_fl))
+    result["grad_max_rel_diff_vs_floor"] = max(rel)
+    bad = {leaf.dtype for leaf in fm._xp.leaves(g_fm) if leaf.dtype != np.float32}
+    if bad or np.asarray(v_fm).dtype != np.float32:
+        _note(f"flowmath Glow-step loss/gradient not float32: {bad or np.asarray(v_fm).dtype}")
+    fwd = {"flowmath": lambda: step.forward(params, x), "floor": lambda: floor(False)}
+    grad = {"flowmath": lambda: value_and_grad(params), "floor": lambda: floor(True)}
+    torch = _torch()
+    if torch is not None:
+        t_fwd, t_grad = _torch_glow(torch, params, x)
+        with torch.no_grad():
+            y_t, ld_t = t_fwd()
+        y_f, ld_f = step.forward(params, x)
+        result["y_rel_diff_vs_torch"] = float(np.abs(y_f - y_t.numpy()).max() / np.abs(y_f).max())
+        result["logdet_rel_diff_vs_torch"] = float(
+            np.abs(ld_f - ld_t.numpy()).max() / np.abs(ld_f).max()
+        )
+        _torch_threads(torch, t_fwd, fwd)
+        _torch_threads(torch, t_grad, grad)
+    result["forward"] = _table(_alternate(fwd, rounds))
+    result["grad"] = _table(_alternate(grad, rounds))
     return result
 
 
@@ -318,26 +656,24 @@ def bench_w7(rounds: int = 15) -> dict:
 
 def _print_table(title, rows):
     print(f"\n{title}")
-    print(f"  {'implementation':<20s} {'median ms':>10s} {'ratio':>8s}")
+    print(f"  {'row':<18s} {'median ms':>10s} {'flowmath / row':>15s}")
     for name, stats in rows.items():
-        ratio = next(v for k, v in stats.items() if k.startswith("ratio"))
-        print(f"  {name:<20s} {stats['median_ms']:10.2f} {ratio:8.2f}")
+        print(f"  {name:<18s} {stats['median_ms']:10.2f} {stats['fm_over']:15.2f}")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload")
-    parser.add_argument("--only", choices=["W5", "W7"], default=None)
+    parser.add_argument("--only", choices=["W5", "W7", "glow"], default=None)
     args = parser.parse_args(argv)
     warm_allocator()  # touch and free 32 MiB: a settled allocator for everyone
     out = {}
     if args.only in (None, "W5"):
         out["W5"] = bench_w5(args.rounds)
         _print_table(
-            "W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32); ratio to torch",
-            out["W5"]["grad"],
+            "W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32)", out["W5"]["grad"]
         )
-        _print_table("W5 RealNVP d=784, sample 256 (float32); ratio to torch", out["W5"]["sample"])
+        _print_table("W5 RealNVP d=784, sample 256 (float32)", out["W5"]["sample"])
         if "loglik_rel_diff_vs_torch" in out["W5"]:
             print(
                 f"  log-likelihood flowmath vs torch twin: rel. diff "
@@ -345,12 +681,20 @@ def main(argv=None) -> dict:
             )
     if args.only in (None, "W7"):
         out["W7"] = bench_w7(max(args.rounds, 15))
-        for key in ("LU", "slogdet", "times"):
-            if key in out["W7"]:
-                _print_table(
-                    f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key}); ratio to torch",
-                    out["W7"][key],
-                )
+        for key in ("LU", "slogdet"):
+            _print_table(
+                f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key})", out["W7"][key]
+            )
+    if args.only in (None, "glow"):
+        out["glow"] = bench_glow_step(args.rounds)
+        _print_table("Glow step 256x12x16x16 float32, forward + log-det", out["glow"]["forward"])
+        _print_table(
+            "Glow step 256x12x16x16 float32, mean log-likelihood + gradient", out["glow"]["grad"]
+        )
+        print(
+            "  vs floor: loss rel. diff {loss_rel_diff_vs_floor:.1e}, gradient max rel. diff "
+            "{grad_max_rel_diff_vs_floor:.1e}".format(**out["glow"])
+        )
     out["notes"] = list(NOTES)
     return out
 

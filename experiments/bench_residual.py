@@ -13,21 +13,28 @@ with one Gaussian probe, batch 256, float32.
   bound ``min(L^k/(1-L)||x1-x0||, L/(1-L)||x^k-x^{k-1}||) <= 1e-6 max(1, ||y_i||)`` with the
   same certified ``L``, so both run the same number of iterations. flowmath: ``IResBlock.invert``.
 
-Timing protocol: one process, ``torch.set_num_threads(2)``, ~32 MiB allocated and freed once,
-a warm-up, then flowmath and torch alternate (A B A B ...); the table gives the medians and the
-median of the per-pair ratios. Run ``python -m experiments.bench_residual [--reps N]``.
-torch is optional: without it only flowmath's timings are printed.
+Each workload also has a **floor** row: the same arithmetic as plain NumPy calls, no validation
+and no autograd (forward: one power iteration per weight, the two products of ``g``, ELU and
+its slope, then per series term the two products of ``v^T J_g`` and the probe dot product;
+inverse: the same number of iterations of ``x <- y - g(x)`` with the row norms of the stopping
+rule).
+
+Timing protocol: one process, ~32 MiB allocated and freed once, a warm-up, then flowmath, the
+floor and torch with 1 and with 2 intra-op threads alternate (A B C D, D C B A, ...); the table
+gives the medians and the median of the per-round ratios of flowmath to each row. Run
+``python -m experiments.bench_residual [--reps N]``. torch is optional: without it only
+flowmath and the floor are timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import numpy as np
 
 import flowmath as fm
-from experiments._timing import alternate, clock, import_baselines, median_ratio, warm_allocator
+from experiments._timing import alternate, clock, import_baselines, warm_allocator
+from experiments.bench_layers import _print_table, _table, _torch_threads
 from flowmath.lipschitz import certified_spectral_norm
 
 D, HIDDEN, BATCH, COEFF, N_TERMS, TOL = 784, 1568, 256, 0.9, 10, 1e-6
@@ -86,6 +93,52 @@ class TorchBlock:
                 k += 1
 
 
+def _floor(params, coeff):
+    """W6's arithmetic in plain NumPy (float32): ``(forward(x, probe), invert(y, L, n_iter))``."""
+    Ws = [np.asarray(W) for W in params["W"]]
+    bs = [np.asarray(b) for b in params["b"]]
+    us = [np.asarray(u) for u in params["u"]]
+
+    def weights():
+        out = []
+        for W, u in zip(Ws, us, strict=True):
+            v = W.T @ u
+            v /= np.linalg.norm(v)
+            u = W @ v
+            u /= np.linalg.norm(u)
+            out.append(W / max(1.0, float(u @ (W @ v)) / coeff))
+        return out
+
+    def g(x, Wn):
+        a = x @ Wn[0].T
+        a += bs[0]
+        h = np.where(a > 0, a, np.expm1(np.minimum(a, 0)))
+        out = h @ Wn[1].T
+        out += bs[1]
+        return out, a, h
+
+    def forward(x, probe):
+        Wn = weights()
+        gx, a, h = g(x, Wn)
+        slope = np.where(a > 0, 1.0, h + 1.0).astype(a.dtype)
+        w, logdet = probe, np.zeros(x.shape[0], x.dtype)
+        for k in range(1, N_TERMS + 1):
+            w = ((w @ Wn[1]) * slope) @ Wn[0]
+            logdet += (-1) ** (k + 1) / k * np.einsum("ij,ij->i", w, probe)
+        return x + gx, logdet
+
+    def invert(y, L, n_iter):
+        Wn = weights()
+        x_prev, x = y, y - g(y, Wn)[0]
+        d0 = np.linalg.norm(x - x_prev, axis=1)
+        for k in range(1, n_iter):
+            np.minimum(L**k / (1 - L) * d0, L / (1 - L) * np.linalg.norm(x - x_prev, axis=1))
+            x_prev, x = x, y - g(x, Wn)[0]
+        return x
+
+    return forward, invert
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="alternating pairs per workload")
@@ -122,42 +175,33 @@ def main(argv=None):
         print("torch not installed: baseline skipped (pip install flowmath[bench])")
 
     (torch,) = import_baselines("torch", threads=2, on_missing=skip)
-    tb = None if torch is None else TorchBlock(torch, params, COEFF)
-    if tb is not None:
+    floor_fwd, floor_inv = _floor(params, COEFF)
+    probe_np = np.random.default_rng(1).standard_normal((BATCH, D)).astype(np.float32)
+    workloads = {
+        "forward+logdet": {
+            "flowmath": lambda: block.forward(params, x, np.random.default_rng(1)),
+            "floor": lambda: floor_fwd(x, probe_np),
+        },
+        "inverse (fixed point)": {
+            "flowmath": lambda: block.invert(params, y, tol=TOL),
+            "floor": lambda: floor_inv(y, L, info.n_iter),
+        },
+    }
+    if torch is not None:
+        tb = TorchBlock(torch, params, COEFF)
         xt, yt = torch.from_numpy(x), torch.from_numpy(np.asarray(y))
         probe = torch.randn(BATCH, D, generator=torch.Generator().manual_seed(0))
         _, k_torch = tb.invert(yt, L, TOL)
         print(f"torch fixed-point iterations with the same stopping rule: {k_torch}")
-
-    workloads = {
-        "forward+logdet": (
-            lambda: block.forward(params, x, np.random.default_rng(1)),
-            None if tb is None else (lambda: tb.forward(xt, probe)),
-        ),
-        "inverse (fixed point)": (
-            lambda: block.invert(params, y, tol=TOL),
-            None if tb is None else (lambda: tb.invert(yt, L, TOL)),
-        ),
-    }
-    rows = []
-    for name, (fa, fb) in workloads.items():
-        fns = {"flowmath": fa} if fb is None else {"flowmath": fa, "torch": fb}
-        times = alternate(fns, args.reps)  # one warm-up call each, then A B A B ...
-        rows.append(
-            (
-                name,
-                statistics.median(times["flowmath"]),
-                statistics.median(times["torch"]) if fb is not None else None,
-                median_ratio(times["flowmath"], times["torch"]) if fb is not None else None,
-            )
-        )
-    print(f"\n{'workload':<24s} {'flowmath ms':>12s} {'torch ms':>10s} {'ratio':>7s}")
-    for name, a, b, r in rows:
-        bs = f"{1e3 * b:10.1f}" if b is not None else f"{'--':>10s}"
-        rs = f"{r:7.2f}" if r is not None else f"{'--':>7s}"
-        print(f"{name:<24s} {1e3 * a:12.1f} {bs} {rs}")
-    print("(ratio = median over alternating pairs of flowmath / torch; target <= 1.5)")
-    return rows
+        _torch_threads(torch, lambda: tb.forward(xt, probe), workloads["forward+logdet"])
+        _torch_threads(torch, lambda: tb.invert(yt, L, TOL), workloads["inverse (fixed point)"])
+    tables = {}
+    for name, fns in workloads.items():
+        # one warm-up call each, then rounds A B C D, D C B A, ...
+        tables[name] = _table(alternate(fns, args.reps, mirror=True))
+        _print_table(f"W6 {name} (float32)", tables[name])
+    print("(flowmath / row = median over alternating rounds; target <= 1.5 over the floor)")
+    return tables
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""W9: the small-model training step that the 2-D toy experiments repeat, against plain torch
+(one thread) and zuko, timed alternately in one process.
+
+Workload (the benchmark table of the docs, W9): RealNVP on d = 2, 8 affine couplings with
+alternating masks (``"half"``, ``flip`` on every other layer), conditioner MLP
+1 -> 64 -> 64 -> 2 (``tanh`` hidden activations; ``s = a * tanh(raw)``), batch 256 from
+8gaussians, float64; one step is the mean negative log-likelihood under N(0, I) and its
+gradient with respect to every parameter.
+
+- **flowmath**: ``Flow(Chain([AffineCoupling(...)] * 8))``, ``autograd.value_and_grad`` of
+  ``-mean(log_prob)``.
+- **torch-1t**: the same model in plain torch with flowmath's initial parameters (a twin: the
+  loss agrees to rounding, printed), one intra-op thread (torch's fastest setting for this
+  size; two threads on a shared 2-core machine are easily disturbed).
+- **zuko-1t**: ``zuko.flows.RealNVP(2, transforms=8, hidden_features=(64, 64))`` with the same
+  activation; its scale parametrisation and initialisation differ, so it is context, not a twin.
+
+For tiny matrices the per-operation overhead of the autograd graph, not the arithmetic,
+dominates: the products of one step are ~3 MFLOP.
+
+Timing protocol: one process, ~32 MiB allocated and freed once, warm-up, then rounds that
+alternate the contenders (mirrored on odd rounds), each sample looped to last >= 50 ms; the
+figure reported is the median over rounds of the per-round ratio flowmath / baseline. torch and
+zuko are optional (``pip install 'flowmath[bench]'``): missing ones are skipped with a message.
+
+Run: ``python -m experiments.bench_train [--rounds N] [--activation tanh|relu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from experiments._timing import (
+    alternate,
+    import_baselines,
+    median_ms,
+    ratios_of,
+    thread_env_defaults,
+    warm_allocator,
+)
+
+# one BLAS thread: the matrices are tiny (64 x 64), threads only add synchronisation
+thread_env_defaults(int(os.environ.get("FLOWMATH_BENCH_THREADS", "1")))
+
+import autograd  # noqa: E402
+import autograd.numpy as anp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import flowmath as fm  # noqa: E402
+
+__all__ = ["D", "HIDDEN", "N_LAYERS", "BATCH", "flowmath_step", "main", "torch_step"]
+
+D, HIDDEN, N_LAYERS, BATCH = 2, (64, 64), 8, 256
+
+
+def _coupling(k: int, activation: str):
+    kwargs = {} if activation == "relu" else {"activation": activation}
+    return fm.AffineCoupling("half", HIDDEN, flip=bool(k % 2), **kwargs)
+
+
+def flowmath_step(x, rng, activation: str = "tanh"):
+    """``(step, flow, params)``: ``step()`` returns the loss and its gradient."""
+    flow = fm.Flow(fm.Chain([_coupling(k, activation) for k in range(N_LAYERS)]))
+    params = flow.init(rng, x)
+
+    def loss(p):
+        return -anp.mean(flow.log_prob(p, x))
+
+    value_and_grad = autograd.value_and_grad(loss)
+    return (lambda: value_and_grad(params)), flow, params, loss
+
+
+def torch_step(torch, params, x, activation: str = "tanh"):
+    """The same model in plain torch with flowmath's parameters: ``(step, loss)``."""
+    act = torch.tanh if activation == "tanh" else torch.relu
+    leaves = []
+
+    def leaf(a):
+        t = torch.from_numpy(np.array(a, dtype=np.float64)).requires_grad_(True)
+        leaves.append(t)
+        return t
+
+    layers = [
+        ([(leaf(q["W"]), leaf(q["b"])) for q in p["net"]], leaf(p["scale"]), bool(k % 2))
+        for k, p in enumerate(params)
+    ]
+    xt = torch.from_numpy(x)
+    const = 0.5 * D * math.log(2 * math.pi)
+
+    def loss():
+        v, ld = xt, 0.0
+        for net, amp, flip in layers:
+            first, second = v[:, :1], v[:, 1:]
+            va, vb = (second, first) if flip else (first, second)
+            h = va
+            for i, (W, b) in enumerate(net):
+                h = torch.addmm(b, h, W)
+                if i < len(net) - 1:
+                    h = act(h)
+            raw, t = h.chunk(2, dim=1)
+            s = amp * torch.tanh(raw)
+            vb = vb * torch.exp(s) + t
+            v = torch.cat([vb, va] if flip else [va, vb], dim=1)
+            ld = ld + s.sum(dim=1)
+        return -(-0.5 * (v * v).sum(dim=1) - const + ld).mean()
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        value = loss()
+        value.backward()
+        return value
+
+    return step, loss
+
+
+def zuko_step(torch, x, activation: str = "tanh"):
+    try:
+        import zuko
+    except ImportError:
+        print("note: zuko is not installed: zuko baseline skipped")
+        return None
+    torch.manual_seed(0)
+    act = torch.nn.Tanh if activation == "tanh" else torch.nn.ReLU
+    flow = zuko.flows.RealNVP(D, transforms=N_LAYERS, hidden_features=HIDDEN, activation=act)
+    flow = flow.double()
+    xt = torch.from_numpy(x)
+
+    def step():
+        flow.zero_grad(set_to_none=True)
+        value = -flow().log_prob(xt).mean()
+        value.backward()
+        return value
+
+    return step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds")
+    parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh")
+    args = parser.parse_args(argv)
+    warm_allocator()
+    rng = np.random.default_rng(20261201)
+    x = fm.data.eight_gaussians(BATCH, rng)
+    step, flow, params, loss = flowmath_step(x, rng, args.activation)
+    fns = {"flowmath": step}
+    result = {}
+
+    def skip(exc):
+        print("note: torch is not installed: baselines skipped (pip install 'flowmath[bench]')")
+
+    (torch,) = import_baselines("torch", threads=1, on_missing=skip)
+    if torch is not None:
+        t_step, t_loss = torch_step(torch, params, x, args.activation)
+        with torch.no_grad():
+            ref = float(t_loss())
+        result["loss_rel_diff_vs_torch"] = abs(float(loss(params)) - ref) / abs(ref)
+        fns["torch-1t"] = t_step
+        z = zuko_step(torch, x, args.activation)
+        if z is not None:
+            fns["zuko-1t"] = z
+    times = alternate(fns, args.rounds, warmup=3, min_time=0.05, mirror=True)
+    ratios = ratios_of(times, "flowmath")
+    result["rows"] = {
+        name: {"median_ms": median_ms(ts), "fm_over": ratios.get(name, 1.0)}
+        for name, ts in times.items()
+    }
+    print(
+        f"W9 RealNVP d=2, 8 couplings, MLP 1-64-64-2 ({args.activation}), batch 256, float64: "
+        "loss + gradient"
+    )
+    print(f"  {'row':<12s} {'median ms':>10s} {'flowmath / row':>15s}")
+    for name, row in result["rows"].items():
+        print(f"  {name:<12s} {row['median_ms']:10.2f} {row['fm_over']:15.2f}")
+    if "loss_rel_diff_vs_torch" in result:
+        print(f"  loss flowmath vs torch twin: rel. diff {result['loss_rel_diff_vs_torch']:.1e}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
