@@ -66,6 +66,10 @@ class _Autoregressive(Bijection):
     """MADE conditioner, orderings and masks shared by :class:`MAF` and :class:`IAF`."""
 
     event_ndims = VECTOR
+    free_form = False
+    free_form_reason = (
+        "MADE's masks make the Jacobian triangular in the ordering (output i sees inputs before i)"
+    )
 
     def __init__(
         self,

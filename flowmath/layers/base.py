@@ -149,6 +149,11 @@ class Bijection(ABC):
 
     event_ndims: tuple[int, ...] = ANY
     stochastic: bool = False
+    #: Whether the architecture is *free-form* (Behrmann et al. 2019, Table 1): the map may have
+    #: any Jacobian, no triangular or other structure being imposed to make the log-det cheap;
+    #: ``None`` when the layer does not declare it. ``free_form_reason`` says why.
+    free_form: bool | None = None
+    free_form_reason: str = ""
 
     # -- public, validating -------------------------------------------------------------------
     def init(self, rng: np.random.Generator, x):

@@ -95,6 +95,11 @@ class CNF(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = True
+    free_form_reason = (
+        "any (Lipschitz) field f(t, z): the log-det needs only tr(df/dz) along the path, so no "
+        "structure is imposed on the network"
+    )
 
     def __init__(
         self,

@@ -175,6 +175,8 @@ class InvConv1x1(Bijection):
     """
 
     event_ndims = IMAGE
+    free_form = False
+    free_form_reason = "the same c x c matrix at every pixel (block-diagonal Jacobian)"
 
     def __init__(self, lu: bool = True):
         self.lu = check_bool(lu, "lu")

@@ -176,6 +176,11 @@ class _Coupling(Bijection):
 
     event_ndims = ANY
     _m = 1
+    free_form = False
+    free_form_reason = (
+        "the Jacobian is block-triangular by construction (the conditioner sees only the "
+        "pass-through part)"
+    )
 
     def __init__(
         self, mask="half", hidden=(64, 64), *, flip: bool = False, identity_init: bool = False

@@ -72,6 +72,8 @@ class ActNorm(Bijection):
     """
 
     event_ndims = ANY
+    free_form = False
+    free_form_reason = "a per-channel affine map (diagonal Jacobian)"
     _RTOL = 1e-8
 
     def _init(self, rng, x):
@@ -154,6 +156,8 @@ class Squeeze(Bijection):
     """
 
     event_ndims = IMAGE
+    free_form = False
+    free_form_reason = "a fixed permutation of the entries"
 
     def _init(self, rng, x):
         _check_even(getval(x).shape, "x")
@@ -308,6 +312,11 @@ class Glow(Bijection):
     """
 
     event_ndims = IMAGE
+    free_form = False
+    free_form_reason = (
+        "squeezes, ActNorm, 1x1 convolutions and affine couplings: a product of structured "
+        "(permutation, diagonal, block-diagonal, block-triangular) Jacobians"
+    )
 
     def __init__(
         self,

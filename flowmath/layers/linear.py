@@ -133,6 +133,8 @@ class DiagonalLinear(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = False
+    free_form_reason = "a diagonal Jacobian"
 
     def _init(self, rng, x):
         d = x.shape[1]
@@ -166,6 +168,8 @@ class TriangularLinear(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = False
+    free_form_reason = "a triangular Jacobian"
 
     def __init__(self, lower: bool = True):
         self.lower = check_bool(lower, "lower")
@@ -213,6 +217,8 @@ class BlockDiagonalLinear(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = False
+    free_form_reason = "a block-diagonal Jacobian"
 
     def __init__(self, block_size: int = 2):
         self.block_size = check_int(block_size, "block_size", minimum=1)
@@ -285,6 +291,8 @@ class LULinear(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = False
+    free_form_reason = "a product of triangular factors (W = P L (U + diag s))"
 
     def __init__(self, permutation="reverse"):
         if isinstance(permutation, str):

@@ -227,6 +227,7 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
         if record:
             hist_x.append(x)
     _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
+    _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
     resid = _row_norm(y - x - g(x)) / (1.0 - L)
     floor = 32 * eps * (y_norm + _row_norm(x)) / (1.0 - L)  # what rounding alone leaves
     miss = ~(resid <= np.maximum(thresh, floor))
@@ -475,6 +476,11 @@ class IResBlock(Bijection):
     """
 
     event_ndims = VECTOR
+    free_form = True
+    free_form_reason = (
+        "any residual branch g with Lip(g) < 1: the Jacobian I + J_g is dense, the constraint "
+        "is on the Lipschitz constant, not on the structure"
+    )
 
     def __init__(
         self,
