@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import _counters
-from .. import _counters
 from .controller import select_initial_step
 from .step import stage_plan, stages
 from .tableau import ButcherTableau
