@@ -6,6 +6,10 @@ W1  forward solve of f(t, z) = W2 tanh(W1 z + b1 + t u) + b2, z in R^2, hidden 6
 W2  gradient of sum(z(1)^2) with respect to z0 and all weights, same problem
     (``torchdiffeq.odeint_adjoint``, backprop through ``torchdiffeq.odeint``, the gradient of
     ``autograd.scipy.integrate.odeint``).
+    W1 and W2 time flowmath twice: on the dynamics a user writes (a plain autograd.numpy
+    function; its gradients through ``autograd.make_vjp``) and on the fused built-in
+    :class:`~flowmath.ode.dynamics.MLPDynamics` (hand-written VJP); every flowmath contender is
+    reported as a multiple of every baseline's time (``fm/baseline``: below 1 is faster).
 W3  one training step of a 2-D CNF: state [z, log p], exact divergence, the same MLP, batch 1024
     from 8gaussians, dopri5 rtol = atol = 1e-5, loss -mean log-likelihood under N(0, I)
     (torch + ``torchdiffeq.odeint_adjoint``, FFJORD-style).
@@ -47,7 +51,7 @@ import numpy as np  # noqa: E402
 import flowmath as fm  # noqa: E402
 from flowmath.ode.dynamics import CNFDynamics, MLPDynamics  # noqa: E402
 
-__all__ = ["blas_threads", "main", "run_benchmarks"]
+__all__ = ["blas_threads", "compare_all", "main", "run_benchmarks", "user_mlp"]
 
 RTOL, ATOL = 1e-5, 1e-7
 CNF_TOL = 1e-5
@@ -160,6 +164,39 @@ def compare(contenders: dict, rounds: int) -> dict:
     return out
 
 
+def compare_all(contenders: dict, rounds: int) -> dict:
+    """Warm up, then time every contender once per round, all in one alternating sequence
+    (mirrored on odd rounds); for every flowmath contender (name starting with "flowmath")
+    and every baseline, the median per-round ratio flowmath time / baseline time."""
+    names = list(contenders)
+    infos = {name: clock(contenders[name])[1] for name in names}
+    times = alternate(contenders, rounds, warmup=0, mirror=True)
+    ours = [n for n in names if n.startswith("flowmath")]
+    out = {name: {"ms": median_ms(times[name]), "info": infos[name]} for name in names}
+    for name in ours:
+        out[name]["fm/baseline"] = {
+            b: median_ratio(times[name], times[b]) for b in names if b not in ours
+        }
+    return out
+
+
+def _print_all(title, res):
+    print(f"\n{title}")
+    print(f"  {'contender':<46s} {'median ms':>10s}  info")
+    for name, r in res.items():
+        print(f"  {name:<46s} {r['ms']:10.2f}  {r['info']}")
+    for name, r in res.items():
+        for b, x in r.get("fm/baseline", {}).items():
+            print(f"    {name} / {b}: {x:.2f}x")
+
+
+def user_mlp(t, z, p):
+    """The W1/W2 field as a user writes it: a plain autograd.numpy function of (t, z, params)
+    on flowmath's parameter layout (no fused VJP: gradients go through autograd.make_vjp)."""
+    h = anp.tanh(anp.dot(z, p[0]["W"]) + p[0]["b"] + t * p[0]["u"])
+    return anp.dot(h, p[1]["W"]) + p[1]["b"]
+
+
 def _print(title, res):
     print(f"\n{title}")
     print(f"  {'contender':<34s} {'median ms':>10s} {'baseline/fm':>12s}  info")
@@ -175,9 +212,12 @@ def w1(rounds, torch, tdq):
     z0 = rng.normal(size=(1024, 2))
     t = np.array([0.0, 1.0])
 
-    def fm_solve():
-        sol = fm.ode.solve(field, z0, t, p, rtol=RTOL, atol=ATOL)
-        return f"nfe={sol.nfe}"
+    def make_fm(f):
+        def run():
+            sol = fm.ode.solve(f, z0, t, p, rtol=RTOL, atol=ATOL)
+            return f"nfe={sol.nfe}"
+
+        return run
 
     from scipy.integrate import solve_ivp
 
@@ -194,7 +234,11 @@ def w1(rounds, torch, tdq):
         )
         return f"nfe={sol.nfev}"
 
-    contenders = {"flowmath dopri5": fm_solve, "scipy solve_ivp RK45": scipy_rk45}
+    contenders = {
+        "flowmath dopri5 (user-written f)": make_fm(user_mlp),
+        "flowmath dopri5 (fused MLPDynamics)": make_fm(field),
+        "scipy solve_ivp RK45": scipy_rk45,
+    }
     if torch is not None:
         mod = _torch_module(torch, p)
         z0t, tt = torch.tensor(z0), torch.tensor(t)
@@ -206,8 +250,7 @@ def w1(rounds, torch, tdq):
             return f"nfe={mod.nfe}"
 
         contenders["torchdiffeq odeint"] = torch_solve
-    res = compare(contenders, rounds)
-    sol = fm.ode.solve(field, z0, t, p, rtol=RTOL, atol=ATOL)
+    res = compare_all(contenders, rounds)
     ref = (
         solve_ivp(
             lambda s, y: f(s, y.reshape(1024, 2)).ravel(),
@@ -220,7 +263,11 @@ def w1(rounds, torch, tdq):
         .y[:, -1]
         .reshape(1024, 2)
     )
-    res["flowmath dopri5"]["info"] += f" max|err|={np.max(np.abs(sol.ys[-1] - ref)):.1e}"
+    for name, dyn in (("user-written f", user_mlp), ("fused MLPDynamics", field)):
+        sol = fm.ode.solve(dyn, z0, t, p, rtol=RTOL, atol=ATOL)
+        res[f"flowmath dopri5 ({name})"]["info"] += (
+            f" max|err|={np.max(np.abs(sol.ys[-1] - ref)):.1e}"
+        )
     return res
 
 
@@ -230,15 +277,13 @@ def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
     z0 = rng.normal(size=(1024, 2))
     t = np.array([0.0, 1.0])
 
-    def make_fm(adjoint):
+    def make_fm(adjoint, f=field):
         stats: dict = {}
 
         def loss(args):
             z, params = args
             return anp.sum(
-                fm.odeint(field, z, t, params, rtol=RTOL, atol=ATOL, adjoint=adjoint, stats=stats)[
-                    -1
-                ]
+                fm.odeint(f, z, t, params, rtol=RTOL, atol=ATOL, adjoint=adjoint, stats=stats)[-1]
                 ** 2
             )
 
@@ -255,6 +300,8 @@ def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
         return run
 
     contenders = {
+        "flowmath backsolve (user-written f)": make_fm("backsolve", user_mlp),
+        "flowmath checkpoint (user-written f)": make_fm("checkpoint", user_mlp),
         "flowmath backsolve (fused VJP)": make_fm("backsolve"),
         "flowmath checkpoint (fused VJP)": make_fm("checkpoint"),
     }
@@ -297,7 +344,7 @@ def w2(rounds, torch, tdq, *, with_autograd_odeint=True):
             return f"|g_z0|={np.linalg.norm(g[0]):.6e}"
 
         contenders["autograd scipy odeint (LSODA)"] = autograd_run
-    return compare(contenders, rounds)
+    return compare_all(contenders, rounds)
 
 
 def w3(rounds, torch, tdq):
@@ -389,7 +436,8 @@ def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False, threads
         if quick and name == "W4":
             kwargs["dims"] = (2, 8, 32, 128)
         res = fn(rounds, torch, tdq, **kwargs)
-        _print(f"{name}  ({'alternating rounds: ' + str(rounds)})", res)
+        show = _print_all if name in ("W1", "W2") else _print
+        show(f"{name}  ({'alternating rounds: ' + str(rounds)})", res)
         results[name] = res
     return results
 

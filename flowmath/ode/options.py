@@ -155,12 +155,13 @@ class SolverOptions:
                     raise ValueError("`step_size` must be > 0; got 0.0")
                 put(self, "step_size", step)
         jt = self.jump_t
-        if jt is None:
-            jt = ()
-        arr = np.asarray(jt, dtype=np.float64).reshape(-1) if np.size(jt) else np.zeros(0)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"`jump_t` must be finite times; got {jt!r}")
-        put(self, "jump_t", tuple(float(x) for x in np.unique(arr)))
+        if jt is None or (isinstance(jt, tuple) and not jt):
+            put(self, "jump_t", ())
+        else:
+            arr = np.asarray(jt, dtype=np.float64).reshape(-1)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"`jump_t` must be finite times; got {jt!r}")
+            put(self, "jump_t", tuple(float(x) for x in np.unique(arr)))
         if not isinstance(self.dense_output, (bool, np.bool_)):
             raise TypeError(f"`dense_output` must be a bool; got {self.dense_output!r}")
 
