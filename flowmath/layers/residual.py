@@ -227,7 +227,6 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
         if record:
             hist_x.append(x)
     _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
-    _counters.record(fixed_point_solves=1, fixed_point_iterations=k)
     resid = _row_norm(y - x - g(x)) / (1.0 - L)
     floor = 32 * eps * (y_norm + _row_norm(x)) / (1.0 - L)  # what rounding alone leaves
     miss = ~(resid <= np.maximum(thresh, floor))
