@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 from ._xp import getval, to_numpy
+from .kernels.finite import count_nonfinite
 
 __all__ = [
     "ANY_TREE",
@@ -78,9 +79,10 @@ def check_array(x, name: str = "x", *, ndim=None, finite: bool = True):
 
 
 def check_finite(x, name: str = "x") -> None:
-    raw = to_numpy(x)
-    if raw.size and not np.all(np.isfinite(raw)):
-        bad = int(np.size(raw) - np.count_nonzero(np.isfinite(raw)))
+    """``ValueError`` naming ``name`` when ``x`` holds a NaN or an infinity (one fused pass over
+    the bits, :func:`flowmath.kernels.finite.count_nonfinite`)."""
+    bad = count_nonfinite(to_numpy(x))
+    if bad:
         raise ValueError(f"`{name}` must be finite; got {bad} non-finite value(s) (NaN or inf)")
 
 
