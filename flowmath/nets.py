@@ -149,16 +149,18 @@ def _layer_init(rng, shape, fan_in, n_out, last, out_scale):
     return {"W": W, "b": bias}
 
 
-def _feedforward(params, x, layer):
-    """``h <- relu(layer(h, W_k, b_k))`` over the layers of ``params`` (a list of
-    ``{"W", "b"}`` or its flat leaves), no activation after the last."""
+def _feedforward(params, x, layer, act=None):
+    """``h <- act(layer(h, W_k, b_k))`` over the layers of ``params`` (a list of
+    ``{"W", "b"}`` or its flat leaves), no activation after the last; ``act`` defaults to
+    :func:`relu`."""
+    act = relu if act is None else act
     leaves = _as_leaves(params)
     n_layers = len(leaves) // 2
     h = x
     for k in range(n_layers):
         h = layer(h, leaves[2 * k], leaves[2 * k + 1])
         if k < n_layers - 1:
-            h = relu(h)
+            h = act(h)
     return h
 
 

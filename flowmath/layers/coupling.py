@@ -63,7 +63,8 @@ from autograd.extend import defvjp, primitive
 
 from .. import nets
 from .._checks import Leaf, _shape_str, check_bool, check_choice, check_hidden
-from .._xp import getval
+from .._xp import getval, is_box, leaves
+from ..kernels.coupling_mlp import ACTIVATIONS, affine_coupling
 from .base import ANY, Bijection, sum_except_batch
 
 __all__ = ["AdditiveCoupling", "AffineCoupling"]
@@ -183,7 +184,13 @@ class _Coupling(Bijection):
     )
 
     def __init__(
-        self, mask="half", hidden=(64, 64), *, flip: bool = False, identity_init: bool = False
+        self,
+        mask="half",
+        hidden=(64, 64),
+        *,
+        flip: bool = False,
+        identity_init: bool = False,
+        activation: str = "relu",
     ):
         if isinstance(mask, str):
             check_choice(mask, "mask", _MASKS)
@@ -211,6 +218,7 @@ class _Coupling(Bijection):
         self.hidden = check_hidden(hidden)
         self.flip = check_bool(flip, "flip")
         self.identity_init = check_bool(identity_init, "identity_init")
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
 
     # -- mask resolution ----------------------------------------------------------------------
     def _partition(self, event_shape) -> _Partition:
@@ -290,21 +298,25 @@ class _Coupling(Bijection):
         return net, (leaves[n] if self._m == 2 else None)
 
     def _conditioner(self, net, part, xa):
-        if part.image:
-            return nets.convnet_apply(net, xa)
-        return nets.mlp_apply(net, xa)
+        act = nets.relu if self.activation == "relu" else nets.tanh
+        return nets._feedforward(net, xa, nets.conv2d if part.image else nets._dense, act)
 
     def _forward(self, params, x, rng):
-        return self._couple(params, x, self._transform)
+        return self._couple(params, x, False)
 
     def _inverse(self, params, y, rng):
-        return self._couple(params, y, self._untransform)
+        return self._couple(params, y, True)
 
-    def _couple(self, params, x, step):
-        """The pass-through part of ``x`` conditions ``step`` (:meth:`_transform` forward,
-        :meth:`_untransform` inverse) on the rest; returns the output and the log-det."""
-        params = self._unpacked(params)
+    def _couple(self, params, x, inverse):
+        """The pass-through part of ``x`` conditions the transform of the rest
+        (:meth:`_transform` forward, :meth:`_untransform` inverse); returns the output and
+        the log-det. The affine coupling of vectors runs as one fused autograd primitive
+        (:func:`flowmath.kernels.coupling_mlp.affine_coupling`)."""
         part = self._partition(x.shape[1:])
+        if self._m == 2 and not part.image and _fusable(params):
+            return affine_coupling(x, params, part, self.activation, inverse)
+        step = self._untransform if inverse else self._transform
+        params = self._unpacked(params)
         if part.kind == "spatial":
             b = part.mask.astype(x.dtype)
             # ``step`` gets the whole input with ``nb = 1 - b``: its output is already
@@ -313,6 +325,12 @@ class _Coupling(Bijection):
         xa, xb = part.split(x)
         yb, ld = step(params, self._conditioner(params[0], part, xa), xb, None)
         return part.merge(xa, yb), ld
+
+
+def _fusable(params) -> bool:
+    """The fused primitive sees ``params`` whole: either a traced (boxed) tree or a plain one
+    with plain leaves (a plain container of traced leaves would hide them from autograd)."""
+    return is_box(params) or not any(is_box(leaf) for leaf in leaves(params))
 
 
 @functools.lru_cache(maxsize=64)
@@ -332,6 +350,8 @@ class AdditiveCoupling(_Coupling):
         Hidden widths of the conditioner (MLP for vectors, conv net channels for images).
     flip : bool
         Use the complement of the mask.
+    activation : {"relu", "tanh"}
+        Hidden activation of the conditioner.
     identity_init : bool
         Zero the conditioner's output layer so that the layer starts as the identity
         (default off: ``init`` draws a generic map).
@@ -386,6 +406,8 @@ class AffineCoupling(_Coupling):
         Hidden widths of the conditioner (MLP for vectors, conv net channels for images).
     flip : bool
         Use the complement of the mask.
+    activation : {"relu", "tanh"}
+        Hidden activation of the conditioner.
     identity_init : bool
         Zero the conditioner's output layer (``s = t = 0``) so that the layer starts as the
         identity (default off: ``init`` draws a generic map).
