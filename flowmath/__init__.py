@@ -3,7 +3,7 @@
 Public names only; see ``docs/design.rst`` (the public contract) for the contract.
 """
 
-from . import data, dequantize, estimators, lipschitz, nets, ode, testing, train
+from . import data, dequantize, estimators, lipschitz, models, nets, ode, testing, train
 from .distributions import Flow, StandardLogistic, StandardNormal
 from .layers import (
     CNF,
@@ -67,6 +67,7 @@ __all__ = [
     "dequantize",
     "estimators",
     "lipschitz",
+    "models",
     "nets",
     "ode",
     "odeint",
