@@ -59,11 +59,11 @@ DEVIATION = 0.3
 REASONS = {
     "blas": (
         "LAPACK's blocked factorisations run more flops per second as n grows (level-3 BLAS, "
-        "cache blocking), pulling O(n^3) slopes below 3; counted flops give 3"
+        "cache blocking), pulling cubic slopes below 3; counted flops give 3"
     ),
     "blocks": (
         "d/c small blocks: numpy's batched LAPACK pays a per-block overhead that falls as the "
-        "blocks get fewer and larger, offsetting the c^2 d flops; counted flops give 2"
+        "blocks get fewer and larger, offsetting the flops, quadratic in c; counted flops give 2"
     ),
     "memory": (
         "the O(d) reductions stream 2-32 MiB vectors that leave the cache as d grows: time per "
