@@ -165,3 +165,67 @@ def test_invconv1x1_equals_tensordot_formula(rng, dtype, lu):
     g_old = autograd.grad(loss(_old_channel_matmul), (0, 1))(params, x)
     assert {leaf.dtype for leaf in leaves(g_new)} == {np.dtype(dtype)}
     assert _tree_rel(g_new, g_old) <= TOL[dtype]
+
+
+# -- the convolutional conditioner: channel-major, every convolution one GEMM -----------------
+
+
+def _old_conv2d(x, W, b):
+    """The previous formula: per-sample im2col by slicing the padded input, one batched
+    ``matmul`` of ``(o, k^2 c)`` with ``(n, k^2 c, h w)``."""
+    n, c, h, w = x.shape
+    o, _, k, _ = W.shape
+    r = (k - 1) // 2
+    xp = anp.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="constant")
+    cols = [xp[:, :, u : u + h, v : v + w] for u in range(k) for v in range(k)]
+    patches = anp.reshape(anp.concatenate(cols, axis=1), (n, k * k * c, h * w))
+    Wm = anp.reshape(anp.transpose(W, (0, 2, 3, 1)), (o, k * k * c))
+    return anp.reshape(anp.matmul(Wm, patches), (n, o, h, w)) + anp.reshape(b, (o, 1, 1))
+
+
+def _old_convnet(params, x, act):
+    h = x
+    for k, layer in enumerate(params):
+        h = _old_conv2d(h, layer["W"], layer["b"])
+        if k < len(params) - 1:
+            h = act(h)
+    return h
+
+
+@pytest.mark.parametrize(
+    "c,hidden,c_out",
+    [(6, (16, 16), 4), (2, (), 8), (6, (2,), 6)],
+    ids=["im2col-1x1-taps", "single-im2col", "taps-first"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_channel_major_convnet_equals_per_sample_im2col(rng, c, hidden, c_out, dtype):
+    from flowmath.kernels.conv_cm import convnet_apply_cm
+
+    x = rng.normal(size=(3, c, 5, 4)).astype(dtype)
+    params = [
+        {key: leaf.astype(dtype) for key, leaf in layer.items()}
+        for layer in nets.convnet_init(rng, c, hidden, c_out)
+    ]
+    w = rng.normal(size=(3, c_out, 5, 4)).astype(dtype)
+    act = nets.tanh  # smooth, so the second derivatives are not trivially zero
+
+    def new(p, z):
+        return anp.sum(convnet_apply_cm(list(nets.unpack(p)), z, act) * w)
+
+    def old(p, z):
+        return anp.sum(_old_convnet(p, z, act) * w)
+
+    y = convnet_apply_cm(list(nets.unpack(params)), x, act)
+    assert y.dtype == dtype and y.flags.c_contiguous
+    assert _rel(y, _old_convnet(params, x, act)) <= TOL[dtype]
+    g_new, g_old = autograd.grad(new, (0, 1))(params, x), autograd.grad(old, (0, 1))(params, x)
+    assert {leaf.dtype for leaf in leaves(g_new)} == {np.dtype(dtype)}
+    assert all(leaf.flags.c_contiguous for leaf in leaves(g_new))
+    assert _tree_rel(g_new, g_old) <= TOL[dtype]
+    v = rng.normal(size=x.shape).astype(dtype)
+
+    def hvp(fn):
+        return autograd.grad(lambda z: anp.sum(autograd.grad(fn, 1)(params, z) * v))(x)
+
+    if hidden:  # (a single convolution is linear: no second derivative)
+        assert _rel(hvp(new), hvp(old)) <= TOL[dtype]

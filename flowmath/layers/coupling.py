@@ -64,6 +64,7 @@ from autograd.extend import defvjp, primitive
 from .. import nets
 from .._checks import Leaf, _shape_str, check_bool, check_choice, check_hidden
 from .._xp import getval, is_box, leaves
+from ..kernels.conv_cm import convnet_apply_cm
 from ..kernels.coupling_mlp import ACTIVATIONS, affine_coupling
 from .base import ANY, Bijection, sum_except_batch
 
@@ -299,7 +300,9 @@ class _Coupling(Bijection):
 
     def _conditioner(self, net, part, xa):
         act = nets.relu if self.activation == "relu" else nets.tanh
-        return nets._feedforward(net, xa, nets.conv2d if part.image else nets._dense, act)
+        if part.image:  # every convolution one GEMM over the batch and the pixels
+            return convnet_apply_cm(net, xa, act)
+        return nets._feedforward(net, xa, nets._dense, act)
 
     def _forward(self, params, x, rng):
         return self._couple(params, x, False)
