@@ -224,8 +224,8 @@ def _load_idx(path: Path, name: str) -> np.ndarray:
 def _read_npz(path: Path, keys):
     """``(images, labels or None)`` from an ``.npz``; a corrupt archive or member is a
     ``ValueError`` naming the file."""
-    try:
-        with np.load(path) as f:
+    try:  # our own handle: np.load leaves it open when the archive is corrupt
+        with path.open("rb") as fh, np.load(fh) as f:
             if keys[0] not in f.files:
                 raise ValueError(
                     f"`keys[0]` must name the images in the archive, one of {f.files}; "

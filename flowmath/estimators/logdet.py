@@ -727,6 +727,9 @@ def exact_logdet(jac):
         raise ValueError(
             f"`jac` must have shape (n, d, d); got {getattr(raw, 'shape', type(raw).__name__)}"
         )
+    if raw.dtype.kind not in "fiu":
+        raise TypeError(f"`jac` must be a real array; got dtype {raw.dtype}")
+    check_finite_output(raw, "jac")
     xp = array_namespace(jac)
     d = raw.shape[1]
     eye = np.eye(d, dtype=raw.dtype if raw.dtype in (np.float32, np.float64) else np.float64)

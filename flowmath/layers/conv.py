@@ -277,8 +277,13 @@ class InvConv1x1(Bijection):
             # W^-1 = U'^-1 L^-1 P^T: two triangular solves on P^T, O(c^3)
             pt = np.eye(c, dtype=getval(l_mat).dtype)[perm].T
             if xp is np or xp is anp:
+                # check_finite=False: an overflow gives inf, which the base class reports
+                # with the layer's name instead of SciPy's anonymous "must not contain infs"
                 w_inv = solve_triangular(
-                    u_mat, solve_triangular(l_mat, pt, lower=True), lower=False
+                    u_mat,
+                    solve_triangular(l_mat, pt, lower=True, check_finite=False),
+                    lower=False,
+                    check_finite=False,
                 )
             else:  # pragma: no cover - CuPy: no batched triangular solve needed for c x c
                 w_inv = xp.linalg.inv(self.weight(params))

@@ -200,7 +200,9 @@ class TriangularLinear(Bijection):
     def _inverse(self, params, y, rng):
         W = self._weight(params)
         # solve W x^T = (y - b)^T by substitution: O(d^2) per sample
-        xt = solve_triangular(W, anp.transpose(y - params["b"]), lower=self.lower)
+        xt = solve_triangular(
+            W, anp.transpose(y - params["b"]), lower=self.lower, check_finite=False
+        )  # an overflow gives inf, reported by the base class with the layer's name
         return anp.transpose(xt), _ones(y, -anp.sum(params["log_diag"]))
 
 
@@ -373,6 +375,9 @@ class LULinear(Bijection):
         L, U = self._factors(params)
         d = y.shape[1]
         z = (y - params["b"])[:, self._perm(d)]
-        w = solve_triangular(L, anp.transpose(z), lower=True, unit_diagonal=True)
-        xt = solve_triangular(U, w, lower=False)
+        # check_finite=False: an overflow gives inf, reported by the base class by name
+        w = solve_triangular(
+            L, anp.transpose(z), lower=True, unit_diagonal=True, check_finite=False
+        )
+        xt = solve_triangular(U, w, lower=False, check_finite=False)
         return anp.transpose(xt), _ones(y, -anp.sum(params["log_s"]))

@@ -178,6 +178,11 @@ def select_initial_step(fun, t0, y0, f0, direction, interval, order, rtol, atol,
     d1 = rms(f0[:m] / scale)
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     h0 = min(h0, interval)
+    if not h0 > 0:  # d1 so large that 0.01 d0 / d1 underflows (issue 9: was ZeroDivisionError)
+        raise ValueError(
+            f"`f` is too large at t0 = {t0!r} for any representable first step: "
+            f"RMS of f(t0, y0) / (atol + rtol |y0|) = {d1:.3g}"
+        )
     f1 = fun(t0 + direction * h0, y0 + (direction * h0) * f0)
     d2 = rms((f1[:m] - f0[:m]) / scale) / h0
     if d1 <= 1e-15 and d2 <= 1e-15:
