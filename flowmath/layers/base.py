@@ -52,6 +52,7 @@ import numpy as np
 from .._checks import ANY_TREE, Leaf, _shape_str, check_array, check_pytree, check_rng
 from .._pytree import tree_map
 from .._xp import array_namespace, getval, to_numpy
+from ..kernels.finite import count_nonfinite
 
 __all__ = ["Bijection", "Chain", "Leaf", "cast_tree", "sum_except_batch", "trusted_params"]
 
@@ -106,8 +107,8 @@ def _fill(expected, got):
 
 def _check_output(value, name, layer, method):
     raw = to_numpy(value)
-    if raw.size and not np.all(np.isfinite(raw)):
-        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+    bad = count_nonfinite(raw)  # one fused pass (no boolean temporary)
+    if bad:
         raise ValueError(
             f"`params` and the input give a non-finite `{name}` in {type(layer).__name__}."
             f"{method}: {bad} of {raw.size} value(s) are NaN or inf (an overflow inside the "
