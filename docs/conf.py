@@ -86,4 +86,20 @@ def _write_gallery() -> None:
         out.write_text(text)
 
 
+def _write_numpy_only() -> None:
+    """``generated/numpy_only.inc``: the table of :data:`flowmath.gpu.NUMPY_ONLY`."""
+    from flowmath import gpu
+
+    rows = [".. list-table::", "   :header-rows: 1", "", "   * - path", "     - NumPy-only at"]
+    for name in [c.name for c in gpu.CASES] + list(gpu.ESTIMATORS):
+        reason = gpu.NUMPY_ONLY.get(name, "runs on the strict namespace")
+        rows += [f"   * - ``{name}``", f"     - {reason}"]
+    out = Path(__file__).parent / "generated" / "numpy_only.inc"
+    out.parent.mkdir(exist_ok=True)
+    text = "\n".join(rows) + "\n"
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
+
+
 _write_gallery()
+_write_numpy_only()

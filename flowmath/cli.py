@@ -64,6 +64,12 @@ def output_dirs(quick: bool, out=None, tex_dir=None) -> tuple[Path, Path]:
     return Path(out), Path(tex_dir) if tex_dir is not None else Path(out)
 
 
+def _cmd_gpu_check(args) -> int:
+    from .gpu import gpu_check
+
+    return gpu_check(batch=args.batch)
+
+
 def _cmd_reproduce(args) -> int:
     from experiments._common import check_config, load_results, save_results
 
@@ -146,6 +152,11 @@ def main(argv=None) -> int:
         help="stop at the first failing experiment with its traceback",
     )
     p_rep.set_defaults(func=_cmd_reproduce)
+    p_gpu = sub.add_parser(
+        "gpu-check", help="every layer on CuPy against NumPy: max differences, timings (GPU)"
+    )
+    p_gpu.add_argument("--batch", type=int, default=256, help="batch size (default: 256)")
+    p_gpu.set_defaults(func=_cmd_gpu_check)
     # `flowmath verify ...` has its own parser (flowmath.verify.main); listed here for --help
     sub.add_parser("verify", help="check the theory's claims (flowmath verify --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
