@@ -10,9 +10,13 @@ gradient runs, ``stats["backward"]``.  The settings travel as one validated
 :class:`Checkpoint`, :class:`Direct`; the strings are aliases); ``method=`` takes any
 :class:`ButcherTableau`.
 
-Layout, imports running one way: ``tableau`` -> ``step`` -> ``controller`` -> ``loop`` ->
-``solution`` -> ``adjoint`` -> ``options`` -> ``solve`` (and ``_tree`` for pytrees,
-``dynamics`` for the built-in fields, which import none of the others).
+Layout, imports running one way (each module imports only those before it): ``tableau`` (the
+methods as data) -> ``step`` (one step, pure, and its differentiable twin) -> ``controller``
+(error norm, step factor, first step) -> ``loop`` (the driver: counts, outputs, forced
+boundaries, events, messages) -> ``adjoint`` (the gradient strategies) -> ``options``
+(:class:`SolverOptions`, :class:`Event`: validation) -> ``solve`` (the entry points).
+``_tree`` (pytrees), ``solution`` (result objects) and ``dynamics`` (the built-in fields)
+import none of the others.
 
 Dynamics may provide a fused vector-Jacobian product ``f.vjp(t, y, params, a) -> (dydt, a^T
 df/dy, a^T df/dparams)`` (``a_params`` with the pytree structure of ``params``); the
