@@ -777,3 +777,40 @@ def test_distributions_fuzz():
     # a flow ending in Logit(alpha) scores its own samples (its inverse lands in its domain)
     _record(failures, "Logit(0.05) flow scores its samples", classify(scored, check))
     assert not failures, "\n".join(failures)
+
+
+def test_trusted_params_skips_only_the_parameter_check():
+    """Inside ``trusted_params()`` a mis-sized leaf is not looked for (the caller vouches for
+    the parameters), but the input, its shape against the parameters and the outputs are still
+    checked; outside, the same call names the leaf."""
+    from flowmath.layers.base import trusted_params
+
+    rng = np.random.default_rng(0)
+    layer = fm.Chain([fm.DiagonalLinear(), fm.AffineCoupling(hidden=(8,))])
+    x = rng.normal(size=(4, 4))
+    params = layer.init(rng, x)
+    nan = copy.deepcopy(params)
+    nan[1]["net"][0]["W"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r'`params\[1\]\["net"\]\[0\]\["W"\]` must be finite'):
+        layer.forward(nan, x)
+    with trusted_params():
+        y, ld = layer.forward(params, x)
+        with pytest.raises(ValueError, match="`x` must have shape"):
+            layer.forward(params, x[:, :3])
+        with pytest.raises(ValueError, match="non-finite `y`"):  # caught at the output
+            layer.forward(nan, x)
+        with pytest.raises(ValueError, match="`x` must be finite"):
+            layer.forward(params, np.full_like(x, np.nan))
+    np.testing.assert_array_equal(layer.forward(params, x)[0], y)
+
+
+def test_iresblock_invert_checks_the_declared_spec():
+    rng = np.random.default_rng(0)
+    block = fm.IResBlock(hidden=(8,), logdet="exact")
+    x = rng.normal(size=(3, 4))
+    params = block.init(rng, x)
+    bad = {"W": params["W"], "b": [params["b"][0][:-1], params["b"][1]]}
+    with pytest.raises(ValueError, match=r'`params\["b"\]\[0\]` must have shape \(8,\)'):
+        block.invert(bad, x)
+    with pytest.raises(ValueError, match=r"`y` must have shape \(n, 4\)"):
+        block.invert(params, x[:, :3])

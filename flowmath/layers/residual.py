@@ -48,7 +48,7 @@ from .._checks import (
     check_probability,
 )
 from .._xp import array_namespace, getval, to_numpy
-from .base import VECTOR, Bijection, Leaf, cast_tree
+from .base import VECTOR, Bijection, Leaf, _InputMismatch, cast_tree
 
 __all__ = ["FixedPointError", "FixedPointInfo", "IResBlock", "solve_fixed_point"]
 
@@ -747,11 +747,13 @@ class IResBlock(Bijection):
         """
         # the inverse map draws nothing: validate as the base class does, without `rng`
         y = self._validate_x(y, "y")
-        d = self._event_shape(params)[0]
-        if getval(y).shape[1] != d:
+        try:  # the declared parameter spec, as for every public call
+            self._check_params(params, tuple(getval(y).shape[1:]), "params", getval(y).dtype)
+        except _InputMismatch as mismatch:
             raise ValueError(
-                f"`y` must have shape (n, {d}) to match the parameters; got {getval(y).shape}"
-            )
+                f"`y` must have shape (n, {mismatch.expected[0]}) to match the parameters; "
+                f"got {getval(y).shape}"
+            ) from None
         params = cast_tree(params, getval(y).dtype)
         if tol is not None:
             tol = check_positive(tol, "tol")
