@@ -814,3 +814,19 @@ def test_iresblock_invert_checks_the_declared_spec():
         block.invert(bad, x)
     with pytest.raises(ValueError, match=r"`y` must have shape \(n, 4\)"):
         block.invert(params, x[:, :3])
+
+
+def test_emerging_inverse_refuses_an_unstable_back_substitution():
+    """Taps 100x the init's: the triangular solve amplifies rounding along the raster order,
+    and the inverse's own round trip misses y by ~1e-3 (measured 6.6e-4 on this draw) where
+    the limit is 1000 eps = 2.2e-13; 10x the taps still round-trips (x to 4e-11)."""
+    rng = np.random.default_rng(0)
+    layer = fm.EmergingConv2d()
+    x = rng.normal(size=(2, 2, 8, 8))
+    params = layer.init(rng, x)
+    ok = dict(params, w1=10 * params["w1"])
+    x_back, _ = layer.inverse(ok, layer.forward(ok, x)[0])
+    assert np.abs(x_back - x).max() < 1e-9
+    bad = dict(params, w1=100 * params["w1"])
+    with pytest.raises(ValueError, match=r"round trip f\(f\^-1\(y\)\) misses y by .* eps"):
+        layer.inverse(bad, layer.forward(bad, x)[0])

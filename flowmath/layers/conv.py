@@ -551,9 +551,33 @@ class EmergingConv2d(Bijection):
         y = reverse_order(ar_conv(w2, d2, reverse_order(z)))
         return y, self._logdet(parts, x)
 
+    #: The inverse's own round trip ``f(f^-1(y))`` must match ``y`` to this many ``eps`` of the
+    #: dtype (relative to ``max(1, max|y|)``): back-substitution through large taps grows
+    #: geometrically along the raster order and can return finite garbage.
+    ROUNDTRIP_EPS = 1e3
+
     def _inverse(self, params, y, rng):
         parts = self._parts(params)
         (w1, d1, _), (w2, d2, _) = parts
         z = reverse_order(ar_solve(w2, d2, reverse_order(y)))
         x = ar_solve(w1, d1, z)
+        self._check_roundtrip(params, x, y)
         return x, -self._logdet(parts, y)
+
+    def _check_roundtrip(self, params, x, y):
+        """One forward convolution on the plain values (not traced): O(c^2 k^2 d), the cost of
+        the inverse itself."""
+        xv, yv = to_numpy(x), to_numpy(y)
+        if not np.all(np.isfinite(xv)):
+            return  # reported by the base class as a non-finite output
+        raw = {k: to_numpy(v) for k, v in getval(params).items()}
+        y_again = self._forward(raw, xv, None)[0]
+        err = float(np.max(np.abs(y_again - yv))) / max(1.0, float(np.max(np.abs(yv))))
+        limit = self.ROUNDTRIP_EPS * float(np.finfo(yv.dtype).eps)
+        if not err <= limit:
+            raise ValueError(
+                "`params` make EmergingConv2d's inverse numerically unstable for this `y`: its "
+                f"round trip f(f^-1(y)) misses y by {err:.3g} relative (> {limit:.3g} = "
+                f"{self.ROUNDTRIP_EPS:g} eps); the back-substitution amplifies rounding "
+                "(taps too large against the centre taps d)"
+            )
