@@ -229,3 +229,38 @@ def test_channel_major_convnet_equals_per_sample_im2col(rng, c, hidden, c_out, d
 
     if hidden:  # (a single convolution is linear: no second derivative)
         assert _rel(hvp(new), hvp(old)) <= TOL[dtype]
+
+
+# -- Chain: per-layer parameters of a traced list taken with one vector space -------------------
+
+
+def test_chain_gradients_equal_plain_indexing(rng):
+    """Chain takes the per-layer trees of a traced parameter list through one shared vector
+    space; the previous formula indexed the boxed list layer by layer (``zip(layers, params)``).
+    Same gradients and Hessian-vector products."""
+    layers = [fm.AffineCoupling(hidden=(8,), flip=bool(k % 2), activation="tanh") for k in range(3)]
+    layers.insert(1, fm.LULinear())
+    chain = fm.Chain(layers)
+    x = rng.normal(size=(6, 4))
+    params = chain.init(rng, x)
+    w = rng.normal(size=x.shape)
+
+    def new(p, z):
+        y, ld = chain._forward(p, z, None)
+        return anp.sum(y * w) + anp.sum(ld)
+
+    def old(p, z):
+        total = 0.0
+        for layer, q in zip(chain.layers, p, strict=True):
+            z, ld = layer._forward(q, z, None)
+            total = total + ld
+        return anp.sum(z * w) + anp.sum(total)
+
+    g_new, g_old = autograd.grad(new, (0, 1))(params, x), autograd.grad(old, (0, 1))(params, x)
+    assert _tree_rel(g_new, g_old) <= TOL[np.float64]
+    v = rng.normal(size=x.shape)
+
+    def hvp(fn):
+        return autograd.grad(lambda p: anp.sum(autograd.grad(fn, 1)(p, x) * v))(params)
+
+    assert _tree_rel(hvp(new), hvp(old)) <= TOL[np.float64]
