@@ -63,7 +63,8 @@ def classify(fn, check=None):
 
     NumPy's overflow warnings are silenced here (the test run makes warnings errors): what
     counts is what the call then raises or returns, as a user would see it. A solver that
-    stops and says why (``FixedPointError``, ``ODESolverError``) is a clear error."""
+    stops and says why (``FixedPointError``, ``ODESolverError``, ``fit``'s documented
+    ``FloatingPointError`` after its roll-backs) is a clear error."""
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -72,7 +73,7 @@ def classify(fn, check=None):
                 check(out)
     except WrongResult as exc:
         return f"wrong result: {exc}"
-    except (FixedPointError, ODESolverError):
+    except (FixedPointError, ODESolverError, FloatingPointError):
         return "clear error"
     except (ValueError, TypeError) as exc:
         if _NAMED.search(str(exc)):
@@ -85,11 +86,11 @@ def classify(fn, check=None):
 
 def _record(results, label, outcome, counted="asserted"):
     key = outcome if outcome in ("clear error", "correct result") else "FAILED"
-    OUTCOMES[key if counted == "asserted" else f"undeclared ({key})"] += 1
+    OUTCOMES[key if counted == "asserted" else f"{counted} ({key})"] += 1
     if key == "FAILED" and counted == "asserted":
         results.append(f"{label}: {outcome}")
     elif key == "FAILED":
-        UNDECLARED_FAILURES.append(f"{label}: {outcome}")
+        UNDECLARED_FAILURES.append(f"{label}: {outcome}")  # reported in the issue note
 
 
 def _finite(name, a):
@@ -830,3 +831,71 @@ def test_emerging_inverse_refuses_an_unstable_back_substitution():
     bad = dict(params, w1=100 * params["w1"])
     with pytest.raises(ValueError, match=r"round trip f\(f\^-1\(y\)\) misses y by .* eps"):
         layer.inverse(bad, layer.forward(bad, x)[0])
+
+
+# -- train.fit ------------------------------------------------------------------------------------
+
+
+def test_fit_fuzz(tmp_path):
+    """``fit`` on a 2-parameter Gaussian fit (closed-form optimum: the data mean and log std)
+    against bad arguments; a valid run must move towards the optimum."""
+    rng0 = np.random.default_rng(0)
+    train = 1.5 + 0.5 * rng0.normal(size=(256, 1))
+
+    def loss(p, batch, rng):
+        z = (batch[:, 0] - p["mu"]) * np.exp(-p["log_s"])
+        return 0.5 * z**2 + p["log_s"] + 0.5 * np.log(2 * np.pi)
+
+    p0 = {"mu": np.zeros(()), "log_s": np.zeros(())}
+
+    def run(**kw):
+        args = {"steps": 40, "rng": np.random.default_rng(1), "progress": False, **kw}
+        data = args.pop("train", train)
+        return fm.train.fit(args.pop("loss", loss), args.pop("params", p0), data, **args)
+
+    def improves(out):
+        params, _ = out
+        _finite("mu", params["mu"])
+        if not abs(float(params["mu"]) - 1.5) < 1.5:
+            raise WrongResult(f"mu moved to {float(params['mu'])} from 0, optimum 1.5")
+
+    not_a_file = tmp_path / "folder.npz"
+    not_a_file.mkdir()
+    cases = {
+        "steps 0": dict(steps=0),
+        "steps 2.5": dict(steps=2.5),
+        "steps and epochs": dict(steps=5, epochs=1),
+        "epochs -1": dict(steps=None, epochs=-1),
+        "batch_size 0": dict(batch_size=0),
+        "batch_size '128'": dict(batch_size="128"),
+        "train a list": dict(train=train.tolist()),
+        "train with NaN": dict(train=np.where(np.arange(256)[:, None] == 3, np.nan, train)),
+        "train empty": dict(train=train[:0]),
+        "train strings": dict(train=train.astype(str)),
+        "valid of another event shape": dict(valid=np.zeros((8, 2))),
+        "rng None": dict(rng=None),
+        "rng 0": dict(rng=0),
+        "clip_norm -1": dict(clip_norm=-1.0),
+        "patience 0": dict(patience=0, valid=train[:32]),
+        "keep_best 'yes'": dict(keep_best="yes"),
+        "progress 'no'": dict(progress="no"),
+        "eval_every 0": dict(eval_every=0, valid=train[:32]),
+        "loss not callable": dict(loss="nll"),
+        "loss NaN always": dict(loss=lambda p, b, r: np.full(len(b), np.nan) + p["mu"]),
+        "loss of the wrong shape": dict(loss=lambda p, b, r: np.zeros(3) + p["mu"]),
+        "params with an int leaf": dict(params={"mu": np.zeros((), int), "log_s": np.zeros(())}),
+        "checkpoint a folder": dict(checkpoint=not_a_file),
+        "schedule 'linear'": dict(schedule="linear"),
+        "optimizer 'adam'": dict(optimizer="adam"),
+        "max_rollbacks -1": dict(max_rollbacks=-1),
+        "blas_threads 0": dict(blas_threads=0),
+    }
+    failures = []
+    # known, reported to fit's owner (issue 9 note): an integer leaf fails inside the optimiser's
+    # in-place update with NumPy's UFuncTypeError; counted, not asserted, until fit checks it
+    known = {"params with an int leaf"}
+    for label, kw in cases.items():
+        outcome = classify(lambda kw=kw: run(**kw), improves)
+        _record(failures, f"fit {label}", outcome, "known" if label in known else "asserted")
+    _record(failures, "fit valid run", classify(run, improves))
+    assert not failures, "\n".join(failures)
