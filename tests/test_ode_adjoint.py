@@ -379,3 +379,26 @@ def test_closure_over_a_traced_variable_is_refused(rng):
 
     with pytest.raises(TypeError, match="pass that variable through `params`"):
         grad(loss)(A)
+
+
+def test_multi_vjp_equals_autograd_make_vjp_bitwise(rng):
+    """The generic path's reverse pass (one root per argument) gives autograd.make_vjp's
+    cotangents bitwise, zeros for an argument the output does not depend on."""
+    from autograd import make_vjp
+
+    from flowmath.ode.adjoint import multi_vjp
+
+    p = mlp_params(rng)
+    (W1, b1), (W2, b2) = p["layers"]
+    y, a, unused = rng.normal(size=(5, 2)), rng.normal(size=(5, 2)), rng.normal(size=3)
+
+    def f(y, W1, b1, W2, b2, u, k, unused):
+        return k * mlp(0.3, y, {"layers": [(W1, b1), (W2, b2)], "u": u})
+
+    args = [y, W1, b1, W2, b2, p["u"], 1.5, unused]
+    vjp, val = multi_vjp(f, args)
+    ref_vjp, ref_val = make_vjp(f, argnum=tuple(range(len(args))))(*args)
+    np.testing.assert_array_equal(val, ref_val)
+    for got, want in zip(vjp(a), ref_vjp(a), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert np.all(vjp(a)[-1] == 0)

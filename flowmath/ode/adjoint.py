@@ -49,7 +49,7 @@ derivative, evaluated on the discrete solution; one evaluation of ``f`` per outp
 
 The VJPs :math:`a^\\top \\partial f/\\partial y`, :math:`a^\\top \\partial f/\\partial \\theta` come
 from ``f.vjp(t, y, params, a) -> (dydt, a_y, a_params)`` when ``f`` provides it (the fused
-protocol), and from ``autograd.make_vjp`` otherwise (the generic reference path).
+protocol), and from autograd's reverse pass otherwise (:func:`multi_vjp`, the generic path).
 
 References
 ----------
@@ -66,8 +66,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from autograd import make_vjp
+from autograd.core import VJPNode, add_outgrads, vspace
 from autograd.extend import defvjp, defvjp_argnums, primitive
+from autograd.tracer import isbox, new_box, toposort, trace_stack
 
 from .._xp import getval, is_box
 from ._tree import tree_flatten
@@ -84,6 +85,7 @@ __all__ = [
     "as_adjoint",
     "differentiable_solve",
     "make_vjp_fun",
+    "multi_vjp",
 ]
 
 
@@ -192,10 +194,47 @@ def _differentiable(leaf) -> bool:
     return isinstance(leaf, float)
 
 
+def multi_vjp(fun, xs):
+    """``(vjp, value)`` of ``value = fun(*xs)``: ``vjp(g)`` returns the list of cotangents
+    ``g^T d fun / d x_i``, one per argument (zeros for an argument the value does not depend on).
+
+    The same reverse pass as ``autograd.make_vjp(fun, argnum=(0, 1, ...))``, bitwise (the
+    tests compare them), with one root node per argument instead of a boxed tuple of them: no
+    ``sequence_take`` per argument on the way forward and no zero-filled tuple per argument on
+    the way back, which halves the Python calls per VJP of a small MLP (1737 -> 889 measured;
+    the generic backsolve and checkpoint gradients of user-written dynamics make one such call
+    per evaluation of the backward dynamics).
+    """
+    roots = [VJPNode.new_root() for _ in xs]
+    with trace_stack.new_trace() as trace:
+        out = fun(*[new_box(x, trace, root) for x, root in zip(xs, roots, strict=True)])
+        if isbox(out) and out._trace == trace:
+            value, end = out._value, out._node
+        else:
+            value, end = out, None
+
+    def vjp(g):
+        grads = [None] * len(xs)
+        if end is not None:
+            index = {root: i for i, root in enumerate(roots)}
+            outgrads = {end: (g, False)}
+            for node in toposort(end):
+                outgrad = outgrads.pop(node)
+                i = index.get(node)
+                if i is not None:
+                    grads[i] = outgrad[0]
+                    continue
+                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0]), strict=False):
+                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+        return [vspace(x).zeros() if gr is None else gr for gr, x in zip(grads, xs, strict=True)]
+
+    return vjp, value
+
+
 def make_vjp_fun(f, params, layout, leaves_raw, need_params, rebuild=None):
     """``vjp(t, y_flat, a_flat) -> (dydt_flat, a_y_flat, a_params_flat or None)``.
 
-    Uses the fused ``f.vjp`` when present, else ``autograd.make_vjp`` (with respect to the
+    Uses the fused ``f.vjp`` when present, else autograd (:func:`multi_vjp`, with respect to the
     floating leaves of ``params``; integer leaves get zero cotangents).  ``a_params_flat`` is the
     concatenation of the raveled leaves of ``a^T df/dparams`` in :func:`tree_flatten` order.
     ``layout`` maps flat states to ``f``'s (:class:`~flowmath.ode._tree.StateLayout`).
@@ -248,20 +287,20 @@ def make_vjp_fun(f, params, layout, leaves_raw, need_params, rebuild=None):
         a = unflat(aflat)
         if need_params:
 
-            def fun(args):
+            def fun(y_, *diff_leaves):
                 leaves = list(leaves_raw)
-                for i, v in zip(diff_idx, args[1], strict=True):
+                for i, v in zip(diff_idx, diff_leaves, strict=True):
                     leaves[i] = v
-                return f(t, args[0], rebuild(leaves))
+                return f(t, y_, rebuild(leaves))
 
-            vjp_fn, ans = make_vjp(fun)((y, tuple(leaves_raw[i] for i in diff_idx)))
-            a_y, a_d = vjp_fn(a)
+            vjp_fn, ans = multi_vjp(fun, [y] + [leaves_raw[i] for i in diff_idx])
+            a_y, *a_d = vjp_fn(a)
             a_p = np.zeros(P)
             for i, g in zip(diff_idx, a_d, strict=True):
                 a_p[offsets[i] : offsets[i + 1]] = np.ravel(g)
             return flat(ans), flat(a_y), a_p
-        vjp_fn, ans = make_vjp(lambda y_: f(t, y_, params))(y)
-        return flat(ans), flat(vjp_fn(a)), None
+        vjp_fn, ans = multi_vjp(lambda y_: f(t, y_, params), [y])
+        return flat(ans), flat(vjp_fn(a)[0]), None
 
     return vjp
 
