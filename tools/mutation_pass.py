@@ -409,7 +409,9 @@ def apply_and_test(m: Mutation):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="run the mutations whose name contains this")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated: run the mutations whose name contains one"
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
     args = ap.parse_args(argv)
@@ -425,7 +427,7 @@ def main(argv=None):
     rows = []
     try:
         for m in MUTATIONS:
-            if args.only and args.only not in m.name:
+            if args.only and not any(key in m.name for key in args.only.split(",")):
                 continue
             t0 = time.perf_counter()
             caught, tail = apply_and_test(m)
