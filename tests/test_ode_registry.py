@@ -371,3 +371,28 @@ def test_options_object_is_the_one_validation():
     assert layer.method == "tsit5" and layer.solver_options()["options"].tableau is fm.ode.TSIT5
     with pytest.raises(ValueError, match="`step_size` must be given"):
         fm.CNF(method=fm.ode.RK4)
+
+
+def test_dense_output_pytree_dtype_and_refusals():
+    """sol(t) returns the state's kind (pytree leaves, float32 stays float32); outside the
+    integrated interval, or without dense_output=True, it refuses naming what to do."""
+    p = PROBLEMS["exponential"]
+
+    def f_tree(t, y, k):
+        return {"a": -k * y["a"], "b": -k * y["b"]}
+
+    y0 = {"a": np.ones(2, dtype=np.float32), "b": np.full((2, 1), 2.0)}
+    sol = fm.ode.solve(f_tree, y0, p.t, p.params, dense_output=True, **TOL)
+    mid = sol(np.array([0.3, 1.2]))
+    assert mid["a"].dtype == np.float32 and mid["a"].shape == (2, 2)
+    assert mid["b"].dtype == np.float64 and mid["b"].shape == (2, 2, 1)
+    np.testing.assert_allclose(
+        mid["b"][:, 0, 0], 2 * np.exp(-1.5 * np.array([0.3, 1.2])), rtol=1e-7
+    )
+    with pytest.raises(ValueError, match="`t` must lie in the integrated interval"):
+        sol(2.5)
+    plain = fm.ode.solve(p.f, p.y0, p.t, p.params)
+    with pytest.raises(ValueError, match="solve with `dense_output=True`"):
+        plain(0.3)
+    with pytest.raises(TypeError, match="`events` must be callables"):
+        fm.ode.solve(p.f, p.y0, p.t, p.params, events=[3.0])
