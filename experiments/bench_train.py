@@ -12,6 +12,8 @@ gradient with respect to every parameter.
 - **torch-1t**: the same model in plain torch with flowmath's initial parameters (a twin: the
   loss agrees to rounding, printed), one intra-op thread (torch's fastest setting for this
   size; two threads on a shared 2-core machine are easily disturbed).
+- **trusted**: flowmath's step inside ``flowmath.layers.base.trusted_params()``, i.e. without
+  the per-call check of the parameter tree (what that check costs at this size).
 - **zuko-1t**: ``zuko.flows.RealNVP(2, transforms=8, hidden_features=(64, 64))`` with the same
   activation; its scale parametrisation and initialisation differ, so it is context, not a twin.
 
@@ -49,6 +51,7 @@ import autograd.numpy as anp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import flowmath as fm  # noqa: E402
+from flowmath.layers.base import trusted_params  # noqa: E402
 
 __all__ = ["D", "HIDDEN", "N_LAYERS", "BATCH", "flowmath_step", "main", "torch_step"]
 
@@ -146,7 +149,12 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(20261201)
     x = fm.data.eight_gaussians(BATCH, rng)
     step, flow, params, loss = flowmath_step(x, rng, args.activation)
-    fns = {"flowmath": step}
+
+    def trusted():
+        with trusted_params():
+            return step()
+
+    fns = {"flowmath": step, "trusted": trusted}
     result = {}
 
     def skip(exc):
