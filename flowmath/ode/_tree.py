@@ -79,6 +79,18 @@ class StateLayout:
     """
 
     def __init__(self, y0):
+        raw0 = getval(y0)
+        if type(raw0) is np.ndarray and raw0.dtype.kind in "iuf":  # the usual case, fast
+            if not np.isfinite(raw0).all():
+                raise ValueError("`y0` must be finite; got non-finite values")
+            self.single, self.leaves, self.rebuild = True, [y0], lambda leaves: leaves[0]
+            self.shapes, self.in_dtypes = [raw0.shape], [raw0.dtype]
+            self.sizes = [raw0.size]
+            self.offsets = np.array([0, raw0.size])
+            self.size = raw0.size
+            self.out_dtypes = [np.float32 if raw0.dtype == np.float32 else np.float64]
+            self.shape = raw0.shape
+            return
         leaves, rebuild = tree_flatten(y0)
         self.single = len(leaves) == 1 and not isinstance(getval(y0), (dict, list, tuple))
         raws = [getval(leaf) for leaf in leaves]

@@ -64,10 +64,15 @@ def _check_tolerance(value, name):
     return value
 
 
+_RTOL_FLOOR = 100 * float(np.finfo(np.float64).eps)
+
+
 def _check_floor(rtol, name):
     if name != "rtol":
         return
-    floor = 100 * np.finfo(np.float64).eps
+    floor = _RTOL_FLOOR
+    if isinstance(rtol, float) and floor <= rtol < 1:
+        return
     if np.any(np.asarray(rtol) < floor):
         raise ValueError(
             f"`rtol` must be >= 100 * float64 eps = {floor:.3g} (smaller targets are below "

@@ -31,6 +31,7 @@ arXiv:1806.07366.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -202,9 +203,21 @@ _KEYWORD_DEFAULTS = dict(
 )
 
 
+@functools.lru_cache(maxsize=128)
+def _cached_options(key) -> SolverOptions:
+    return SolverOptions(**{k: v for k, _, v in key})
+
+
 def _options(options, kwargs) -> SolverOptions:
     if options is None:
-        return SolverOptions(**kwargs)
+        # SolverOptions is frozen: settings made only of hashable scalars (the usual call) are
+        # validated once and shared (the type is part of the key, so True never stands for 1)
+        key = tuple((k, type(v), v) for k, v in kwargs.items())
+        try:
+            hash(key)
+        except TypeError:  # per-component tolerance arrays, jump_t lists: validate each time
+            return SolverOptions(**kwargs)
+        return _cached_options(key)
     if not isinstance(options, SolverOptions):
         raise TypeError(f"`options` must be a SolverOptions; got {type(options).__name__}")
     changed = [
