@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from flowmath._pytree import leaves
 from flowmath.kernels import cnf_tanh
 from flowmath.testing import check_grads
 
@@ -88,11 +89,7 @@ def test_fused_one_hidden_layer_kernels_match_numpy_path(time, monkeypatch):
     fused, plain = outs[16], outs[0]
 
     def flat(x):
-        if isinstance(x, dict):
-            return np.concatenate([np.ravel(x[k]) for k in sorted(x)])
-        if isinstance(x, (list, tuple)):
-            return np.concatenate([flat(v) for v in x])
-        return np.ravel(x)
+        return np.concatenate([np.ravel(leaf) for leaf in leaves(x)])
 
     for got, want in zip(fused, plain, strict=True):
         np.testing.assert_allclose(flat(got), flat(want), rtol=1e-13, atol=1e-13)
