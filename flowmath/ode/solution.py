@@ -113,8 +113,8 @@ class DenseOutput:
     def _eval_flat(self, tq):
         if self.t_min is None:
             raise ValueError("the solve took no step: its dense output is empty")
-        if not (self.t_min - 1e-12 * max(1.0, abs(self.t_min)) <= tq <= self.t_max * (1 + 1e-15)
-                + 1e-12 * max(1.0, abs(self.t_max))):  # fmt: skip
+        slack = 1e-12 * max(1.0, abs(self.t_min), abs(self.t_max))  # rounding of the grid
+        if not self.t_min - slack <= tq <= self.t_max + slack:
             raise ValueError(
                 f"`t` must lie in the integrated interval [{self.t_min!r}, {self.t_max!r}]; "
                 f"got {tq!r}"
