@@ -330,6 +330,9 @@ def test_step_floor_clamp_as_scipy():
 def test_equal_times_float_state_and_pi_controller():
     ys = fm.odeint(lambda t, y, p: -y, np.ones(2), np.array([0.5, 0.5]))
     np.testing.assert_array_equal(ys, np.ones((2, 2)))
+    sol = fm.ode.solve(lambda t, y, p: -y, np.ones(2), np.array([0.5, 0.5]), dense_output=True)
+    np.testing.assert_array_equal(sol(0.5), np.ones(2))
+    assert sol.nfe == 0 and sol.n_steps == 0
     ys = fm.odeint(lambda t, y, k: -k * y, 1.0, np.array([0.0, 1.0]), 2.0)
     assert ys.shape == (2,) and abs(ys[-1] - np.exp(-2.0)) < 1e-7
     assert (

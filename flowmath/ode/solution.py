@@ -81,8 +81,9 @@ class DenseOutput:
     result has the state's shape (a pytree for pytree states), with a leading axis for an array
     ``t``.  Plain NumPy: not differentiable."""
 
-    def __init__(self, tab, steps, Ks, f_end, layout, fun):
+    def __init__(self, tab, steps, Ks, f_end, layout, fun, t0=None, y0=None):
         self.tab = tab
+        self._t0, self._y0 = t0, y0  # the answer at t0 when no step was taken (t0 == t1)
         self._t = np.array([st[0] for st in steps])
         self._h = np.array([st[1] for st in steps])
         self._y = [st[2] for st in steps]
@@ -112,7 +113,11 @@ class DenseOutput:
 
     def _eval_flat(self, tq):
         if self.t_min is None:
-            raise ValueError("the solve took no step: its dense output is empty")
+            if self._t0 is not None and tq == self._t0:
+                return self._y0
+            raise ValueError(
+                f"`t` must be the solve's only time {self._t0!r} (t0 == t1: no step); got {tq!r}"
+            )
         slack = 1e-12 * max(1.0, abs(self.t_min), abs(self.t_max))  # rounding of the grid
         if not self.t_min - slack <= tq <= self.t_max + slack:
             raise ValueError(

@@ -162,6 +162,13 @@ def _make_flat_fun(f, params, layout):
     return fun
 
 
+def getval_state(y0, layout):
+    """The plain values of a (possibly traced) state."""
+    if layout.single:
+        return getval(y0)
+    return layout.rebuild([getval(leaf) for leaf in tree_flatten(y0)[0]])
+
+
 def _check_out(out, shape):
     if is_box(out):
         raise TypeError(
@@ -427,7 +434,10 @@ def solve(
         sol.status = 1
         sol.message = "A termination event occurred."
     if opts.dense_output:
-        sol.sol = DenseOutput(opts.tableau, trace.steps, trace.Ks, trace.f_end, layout, fun)
+        sol.sol = DenseOutput(
+            opts.tableau, trace.steps, trace.Ks, trace.f_end, layout, fun,
+            t0=float(t_raw[0]), y0=layout.flat(getval_state(y0, layout)),
+        )  # fmt: skip
     if stats is not None:
         stats["forward"] = sol.forward_stats()
     return sol
