@@ -25,6 +25,7 @@ __all__ = [
     "load_results",
     "save_results",
     "setup_matplotlib",
+    "stamp_quick",
     "tex_table",
     "versions",
 ]
@@ -123,6 +124,21 @@ def check_config(path: Path, config, settings: str = "full") -> None:
         raise ValueError(
             f"`{path}` holds {saved['settings']} results; expected {settings} settings"
         )
+
+
+def stamp_quick(path: Path) -> None:
+    """Write "QUICK SETTINGS" across the top-left corner of the PNG at ``path``, so that a
+    quick figure never passes for a full one wherever it is copied."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    text = "QUICK SETTINGS (Config.quick()): not the paper's figure"
+    box = draw.textbbox((4, 4), text)
+    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(255, 235, 205))
+    draw.text((4, 4), text, fill=(180, 0, 0))
+    image.save(path)
 
 
 def setup_matplotlib():

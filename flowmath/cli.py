@@ -71,7 +71,7 @@ def _cmd_gpu_check(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from experiments._common import check_config, load_results, save_results
+    from experiments._common import check_config, load_results, save_results, stamp_quick
 
     exps = _experiments()
     names = args.names or exps.available()
@@ -97,6 +97,8 @@ def _cmd_reproduce(args) -> int:
                 results = module.run(config)
                 save_results(results, config, out / f"{name}.json", settings=settings)
             module.plot(results, out / f"{name}.png")
+            if args.quick:  # a quick figure never passes for the paper's either
+                stamp_quick(out / f"{name}.png")
             if hasattr(module, "tex"):
                 tex_dir.mkdir(parents=True, exist_ok=True)
                 table = module.tex(results)

@@ -31,7 +31,9 @@ def _run(config):
 
 
 def _plot(results, path):
-    Path(path).write_bytes(b"png:" + json.dumps(results).encode())
+    from PIL import Image
+
+    Image.new("RGB", (400, 40), "white").save(path)  # a blank figure
 
 
 def _tex(results):
@@ -80,6 +82,13 @@ def test_quick_never_overwrites_full(fake):
     }
     assert json.loads(quick["figures/quick/fake.json"])["settings"] == "quick"
     assert quick["paper/generated/quick/fake.tex"].startswith(b"% QUICK SETTINGS")
+    # the quick figure is stamped as such (the full one stays blank)
+    from PIL import Image
+
+    with Image.open(fake / "figures/quick/fake.png") as im:
+        assert im.convert("L").getextrema()[0] < 255
+    with Image.open(fake / "figures/fake.png") as im:
+        assert im.convert("L").getextrema() == (255, 255)
 
 
 def test_out_takes_tables_too(fake):
