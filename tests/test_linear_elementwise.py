@@ -37,7 +37,8 @@ def test_ill_conditioned_weight_raises_with_threshold_and_value(rng, cls):
     p_ok = dict(params, W=ok if params["W"].ndim == 2 else ok[None])
     y, ld = layer.forward(p_ok, x)
     x_back, minus = layer.inverse(p_ok, y)
-    assert np.abs(x_back - x).max() < 1e-6 * np.abs(x).max()
+    # measured <= 1.3e-10 over 20 seeds (cond * eps = 2e-10); tolerance 1e-8 (was 1e-6)
+    assert np.abs(x_back - x).max() < 1e-8 * np.abs(x).max()
     np.testing.assert_allclose(ld, np.log(1e-6), rtol=1e-12)
 
 
