@@ -292,7 +292,7 @@ MUTATIONS = [
         "flowmath/ode/tableau.py",
         "        return -1.0 / (min(self.order, self.embedded_order) + 1)",
         "        return -1.0 / (min(self.order, self.embedded_order))",
-        ("tests/test_ode.py", "tests/test_ode_adjoint.py"),
+        ("tests/test_ode.py", "tests/test_ode_adjoint.py", "tests/test_ode_registry.py"),
     ),
     Mutation(
         "step control SAFETY 0.9 -> 1.5",
