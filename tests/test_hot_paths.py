@@ -129,9 +129,19 @@ def test_check_finite_names_the_argument(rng):
     layer = fm.InvConv1x1()
     x = rng.normal(size=(2, 3, 2, 2)).astype(np.float32)
     params = layer.init(rng, x)
-    x[1, 2, 1, 0] = np.nan
-    with pytest.raises(ValueError, match=r"`x` must be finite; got 1 non-finite"):
-        layer.forward(params, x)
+    for bad in (np.nan, np.inf, -np.inf):
+        # InvConv1x1.forward checks its output alone (a non-finite input reaches it) and names
+        # the input when the output is non-finite because of it
+        z = x.copy()
+        z[1, 2, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"`x` must be finite; got 1 non-finite"):
+            layer.forward(params, z)
+        with pytest.raises(ValueError, match=r"`y` must be finite; got 1 non-finite"):
+            layer.inverse(params, z)
+    # a finite input whose image overflows float32: the output check names the overflow
+    big = np.full_like(x, 3e38)
+    with pytest.raises(ValueError, match=r"non-finite `y` in InvConv1x1.forward"):
+        layer.forward({**params, "log_s": params["log_s"] + 2}, big)
 
 
 # -- the 1x1 convolution: one batched matmul ----------------------------------------------------

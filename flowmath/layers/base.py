@@ -51,7 +51,15 @@ import numpy as np
 from autograd.builtins import container_untake
 from autograd.extend import defvjp, primitive, vspace
 
-from .._checks import ANY_TREE, Leaf, _shape_str, check_array, check_pytree, check_rng
+from .._checks import (
+    ANY_TREE,
+    Leaf,
+    _shape_str,
+    check_array,
+    check_finite,
+    check_pytree,
+    check_rng,
+)
 from .._pytree import tree_map
 from .._xp import array_namespace, getval, is_box, to_numpy
 from ..kernels.finite import count_nonfinite
@@ -179,6 +187,11 @@ class Bijection(ABC):
     #: ``None`` when the layer does not declare it. ``free_form_reason`` says why.
     free_form: bool | None = None
     free_form_reason: str = ""
+    #: True when a NaN or infinite input entry always makes ``forward``'s output non-finite
+    #: (an invertible linear map: every input entry reaches an output through a non-zero
+    #: weight). ``forward`` then skips the pass over the input and checks the output alone,
+    #: looking at the input only when the output is non-finite, to name it.
+    _nonfinite_propagates: bool = False
 
     # -- public, validating -------------------------------------------------------------------
     def init(self, rng: np.random.Generator, x):
@@ -193,9 +206,17 @@ class Bijection(ABC):
 
     def forward(self, params, x, rng: np.random.Generator | None = None):
         """``(y, logdet)`` with ``y = f(x)`` and ``logdet = log|det df/dx|`` of shape ``(n,)``."""
-        x, params = self._validate_call(params, x, rng, "x")
-        y, logdet = self._forward(params, x, rng)
-        _check_output(y, "y", self, "forward")
+        deferred = self._nonfinite_propagates
+        x, params = self._validate_call(params, x, rng, "x", finite=not deferred)
+        if deferred:  # inf * 0 may meet a non-finite input: the check below reports it
+            with np.errstate(invalid="ignore", over="ignore"):
+                y, logdet = self._forward(params, x, rng)
+        else:
+            y, logdet = self._forward(params, x, rng)
+        if not deferred or count_nonfinite(to_numpy(y)):
+            if deferred:
+                check_finite(x, "x")  # a non-finite input is named as such
+            _check_output(y, "y", self, "forward")
         _check_output(logdet, "logdet", self, "forward")
         return y, logdet
 
@@ -242,9 +263,9 @@ class Bijection(ABC):
         return tuple(event_shape)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _validate_x(self, x, name):
+    def _validate_x(self, x, name, finite: bool = True):
         ndims = tuple(k + 1 for k in self.event_ndims)
-        dtype = check_array(x, name, ndim=ndims)
+        dtype = check_array(x, name, ndim=ndims, finite=finite)
         raw = getval(x)
         if raw.shape[0] == 0:
             raise ValueError(
@@ -254,7 +275,7 @@ class Bijection(ABC):
             x = x.astype(dtype)
         return x
 
-    def _validate_call(self, params, x, rng, name):
+    def _validate_call(self, params, x, rng, name, finite: bool = True):
         if rng is not None or self.stochastic:
             if rng is None:
                 raise ValueError(
@@ -262,7 +283,7 @@ class Bijection(ABC):
                     "(its log-det or inverse draws random numbers); got None"
                 )
             check_rng(rng)
-        x = self._validate_x(x, name)
+        x = self._validate_x(x, name, finite)
         got = tuple(getval(x).shape[1:])
         try:
             # the parameters are declared for the forward's input; an inverse maps back first

@@ -177,6 +177,9 @@ class InvConv1x1(Bijection):
     event_ndims = IMAGE
     free_form = False
     free_form_reason = "the same c x c matrix at every pixel (block-diagonal Jacobian)"
+    # W is invertible, so every input entry reaches an output through a non-zero weight: a
+    # NaN/inf input makes the output non-finite, and forward checks the output alone
+    _nonfinite_propagates = True
 
     def __init__(self, lu: bool = True):
         self.lu = check_bool(lu, "lu")
