@@ -292,14 +292,14 @@ MUTATIONS = [
         "flowmath/ode/tableau.py",
         "        return -1.0 / (min(self.order, self.embedded_order) + 1)",
         "        return -1.0 / (min(self.order, self.embedded_order))",
-        ("tests/test_ode.py", "tests/test_ode_adjoint.py", "tests/test_ode_registry.py"),
+        ("tests/test_ode.py", "tests/test_ode_adjoint.py", "tests/test_ode_registry.py", REF),
     ),
     Mutation(
         "step control SAFETY 0.9 -> 1.5",
         "flowmath/ode/controller.py",
         "SAFETY = 0.9",
         "SAFETY = 1.5",
-        ("tests/test_ode.py", "tests/test_ode_adjoint.py"),
+        ("tests/test_ode.py", "tests/test_ode_adjoint.py", REF),
     ),
     # -- second round: structural slips ------------------------------------------------------
     Mutation(
