@@ -362,6 +362,68 @@ MUTATIONS = [
 ]
 
 
+MUTATIONS += [
+    # -- third round ------------------------------------------------------------------------
+    Mutation(
+        "step control MAX_FACTOR 10 -> 5",
+        "flowmath/ode/controller.py",
+        "MAX_FACTOR = 10.0",
+        "MAX_FACTOR = 5.0",
+        ("tests/test_ode.py", "tests/test_ode_registry.py", REF),
+    ),
+    Mutation(
+        "step control MIN_FACTOR 0.2 -> 0.5",
+        "flowmath/ode/controller.py",
+        "MIN_FACTOR = 0.2",
+        "MIN_FACTOR = 0.5",
+        ("tests/test_ode.py", "tests/test_ode_registry.py", REF),
+    ),
+    Mutation(
+        "dopri5 propagates the 4th-order solution (b = the 7th row + 1e-3 drift)",
+        "flowmath/ode/tableau.py",
+        "    b=[_f(35, 384), 0, _f(500, 1113), _f(125, 192), _f(-2187, 6784), _f(11, 84), 0],",
+        "    b=[_f(35, 384) + 1e-3, 0, _f(500, 1113), _f(125, 192), _f(-2187, 6784),"
+        " _f(11, 84) - 1e-3, 0],",
+        ("tests/test_ode.py", "tests/test_ode_registry.py"),
+    ),
+    Mutation(
+        "fixed point: residual bound / (1 + L) instead of / (1 - L)",
+        "flowmath/layers/residual.py",
+        "    resid = _row_norm(y - x - g(x)) / (1.0 - L)",
+        "    resid = _row_norm(y - x - g(x)) / (1.0 + L)",
+        (R, REF),
+    ),
+    Mutation(
+        "Poisson survival off by one",
+        "flowmath/estimators/logdet.py",
+        "special.gammainc(np.maximum(k, 1), lam)",
+        "special.gammainc(np.maximum(k, 1) + 1, lam)",
+        (EL, P),
+    ),
+    Mutation(
+        "ELU claimed Lipschitz 0.9",
+        "flowmath/lipschitz.py",
+        '    "elu": (elu, elu_derivative, 1.0),',
+        '    "elu": (elu, elu_derivative, 0.9),',
+        ("tests/test_lipschitz.py", R, REF),
+    ),
+    Mutation(
+        "dequantisation divides by K + 1",
+        "flowmath/dequantize.py",
+        "        y = (xs + u) / levels",
+        "        y = (xs + u) / (levels + 1)",
+        ("tests/test_dequantize.py", "tests/test_verify.py"),
+    ),
+    Mutation(
+        "ActNorm log-det misses one pixel",
+        "flowmath/layers/glow.py",
+        '(hw * anp.sum(params["log_scale"]))',
+        '((hw - (hw > 1)) * anp.sum(params["log_scale"]))',
+        ("tests/test_glow.py", "tests/test_contract.py"),
+    ),
+]
+
+
 def _git(*args, cwd=REPO, check=True):
     return subprocess.run(["git", *args], cwd=cwd, check=check, capture_output=True, text=True)
 
