@@ -19,15 +19,15 @@ import autograd.numpy as anp
 import numpy as np
 
 from .._checks import check_in_open_interval, check_positive
-from .._xp import getval, to_numpy
+from .._xp import array_namespace, getval, to_numpy
 from .base import ANY, Bijection, sum_except_batch
 
 __all__ = ["ELU", "LeakyReLU", "Logit", "Sigmoid"]
 
 
 def _softplus(x):
-    """log(1 + e^x), stable for all x."""
-    return anp.logaddexp(0.0, x)
+    """log(1 + e^x), stable for all x (in the namespace of ``x``)."""
+    return array_namespace(x).logaddexp(0.0, x)
 
 
 class _Elementwise(Bijection):
@@ -61,18 +61,19 @@ class ELU(_Elementwise):
         self.alpha = check_positive(alpha, "alpha")
 
     def _forward(self, params, x, rng):
-        a = self.alpha
-        neg = anp.minimum(x, 0.0)  # exp of the positive part would overflow for large x
-        y = anp.where(x > 0, x, a * anp.expm1(neg))
-        logdet = sum_except_batch(anp.where(x > 0, 0.0, math.log(a) + neg))
+        a, xp = self.alpha, array_namespace(x)
+        neg = xp.minimum(x, 0.0)  # exp of the positive part would overflow for large x
+        y = xp.where(x > 0, x, a * xp.expm1(neg))
+        logdet = sum_except_batch(xp.where(x > 0, 0.0, math.log(a) + neg))
         return y, logdet
 
     def _inverse(self, params, y, rng):
         a = self.alpha
         check_in_open_interval(y, -a, math.inf, "y")
-        neg = anp.minimum(y, 0.0)
-        x = anp.where(y > 0, y, anp.log1p(neg / a))
-        logdet = -sum_except_batch(anp.where(y > 0, 0.0, math.log(a) + anp.log1p(neg / a)))
+        xp = array_namespace(y)
+        neg = xp.minimum(y, 0.0)
+        x = xp.where(y > 0, y, xp.log1p(neg / a))
+        logdet = -sum_except_batch(xp.where(y > 0, 0.0, math.log(a) + xp.log1p(neg / a)))
         return x, logdet
 
 
@@ -133,7 +134,8 @@ class Logit(_Elementwise):
         lo, hi = self.domain()
         check_in_open_interval(x, lo, hi, "x")
         p = a + (1.0 - 2.0 * a) * x
-        logp, log1mp = anp.log(p), anp.log1p(-p)
+        xp = array_namespace(p)
+        logp, log1mp = xp.log(p), xp.log1p(-p)
         if not np.all((to_numpy(p) > 0.0) & (to_numpy(p) < 1.0)):
             raise ValueError(
                 f"`x` must lie in the open interval ({lo}, {hi}) of Logit(alpha={a}); got values "
@@ -144,7 +146,7 @@ class Logit(_Elementwise):
     def _inverse(self, params, y, rng):
         a = self.alpha
         # log sigma(y) = -softplus(-y), log(1 - sigma(y)) = -softplus(y)
-        sig = anp.exp(-_softplus(-y))
+        sig = array_namespace(y).exp(-_softplus(-y))
         raw = to_numpy(sig)
         if not np.all((raw > 0.0) & (raw < 1.0)):
             big = float(np.abs(to_numpy(y)).max())
@@ -165,10 +167,11 @@ class Sigmoid(_Elementwise):
     """
 
     def _forward(self, params, x, rng):
-        y = anp.exp(-_softplus(-x))
+        y = array_namespace(x).exp(-_softplus(-x))
         return y, sum_except_batch(-_softplus(-x) - _softplus(x))
 
     def _inverse(self, params, y, rng):
         check_in_open_interval(y, 0.0, 1.0, "y")
-        logy, log1my = anp.log(y), anp.log1p(-y)
+        xp = array_namespace(y)
+        logy, log1my = xp.log(y), xp.log1p(-y)
         return logy - log1my, -sum_except_batch(logy + log1my)
