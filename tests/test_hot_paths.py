@@ -220,18 +220,28 @@ def test_channel_major_convnet_equals_per_sample_im2col(rng, c, hidden, c_out, d
     act = nets.tanh  # smooth, so the second derivatives are not trivially zero
 
     def new(p, z):
-        return anp.sum(convnet_apply_cm(list(nets.unpack(p)), z, act) * w)
+        return anp.sum(convnet_apply_cm(list(nets.unpack(p)), z, "tanh") * w)
 
     def old(p, z):
         return anp.sum(_old_convnet(p, z, act) * w)
 
-    y = convnet_apply_cm(list(nets.unpack(params)), x, act)
-    assert y.dtype == dtype and y.flags.c_contiguous
-    assert _rel(y, _old_convnet(params, x, act)) <= TOL[dtype]
-    g_new, g_old = autograd.grad(new, (0, 1))(params, x), autograd.grad(old, (0, 1))(params, x)
-    assert {leaf.dtype for leaf in leaves(g_new)} == {np.dtype(dtype)}
-    assert all(leaf.flags.c_contiguous for leaf in leaves(g_new))
-    assert _tree_rel(g_new, g_old) <= TOL[dtype]
+    for name, fn in (("relu", nets.relu), ("tanh", act)):
+        y = convnet_apply_cm(list(nets.unpack(params)), x, name)
+        assert y.dtype == dtype and y.flags.c_contiguous
+        assert _rel(y, _old_convnet(params, x, fn)) <= TOL[dtype]
+    for name, fn in (("relu", nets.relu), ("tanh", act)):
+
+        def new_a(p, z, name=name):
+            return anp.sum(convnet_apply_cm(list(nets.unpack(p)), z, name) * w)
+
+        def old_a(p, z, fn=fn):
+            return anp.sum(_old_convnet(p, z, fn) * w)
+
+        g_new = autograd.grad(new_a, (0, 1))(params, x)
+        g_old = autograd.grad(old_a, (0, 1))(params, x)
+        assert {leaf.dtype for leaf in leaves(g_new)} == {np.dtype(dtype)}
+        assert all(leaf.flags.c_contiguous for leaf in leaves(g_new))
+        assert _tree_rel(g_new, g_old) <= TOL[dtype]
     v = rng.normal(size=x.shape).astype(dtype)
 
     def hvp(fn):

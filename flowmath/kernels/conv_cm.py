@@ -26,8 +26,9 @@ and second derivatives are traced like any other. The reference twin is
 from __future__ import annotations
 
 import autograd.numpy as anp
-from autograd.extend import defvjp, primitive
+from autograd.extend import defvjp, defvjp_argnums, primitive
 
+from .. import nets
 from .._xp import array_namespace, getval
 
 __all__ = ["convnet_apply_cm", "swap01"]
@@ -129,32 +130,76 @@ defvjp(_tap_sum, lambda ans, Z, k, shape: lambda g: _tap_spread(g, k))
 defvjp(_tap_spread, lambda ans, g, k: lambda h: _tap_sum(h, k, getval(g).shape))
 
 
-def _conv_cm(a, W, b):
-    """One ``'same'`` convolution in the channel-major layout: ``a`` ``(c, n, h, w)``,
-    ``W`` ``(o, c, k, k)``, ``b`` ``(o,)``; returns ``(o, n, h, w)``."""
+@primitive
+def _gemm_bias_act(Wm, X, b, act):
+    """``act(Wm @ X + b[:, None])`` with the bias and the activation applied in place on the
+    product (one pass, no temporaries of its size); ``act`` is ``"relu"``, ``"tanh"`` or
+    ``None``."""
+    xp = array_namespace(Wm, X, b)
+    y = xp.matmul(Wm, X)
+    y += b.reshape(-1, 1)
+    if act == "relu":
+        xp.maximum(y, 0, out=y)
+    elif act == "tanh":
+        xp.tanh(y, out=y)
+    return y
+
+
+def _gemm_bias_act_vjp(argnums, ans, args, kwargs):
+    Wm, X, b, act = args
+
+    def vjp(g):
+        # the slope from the output: relu' = [y > 0], tanh' = 1 - y^2 (traced when ``ans``
+        # is, i.e. under a second derivative)
+        if act == "relu":
+            g = g * (getval(ans) > 0)
+        elif act == "tanh":
+            g = g * (1.0 - ans * ans)
+        grads = {
+            0: lambda: anp.matmul(g, anp.transpose(X)),
+            1: lambda: anp.matmul(anp.transpose(Wm), g),
+            2: lambda: anp.sum(g, axis=1),
+        }
+        return tuple(grads[a]() for a in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_gemm_bias_act, _gemm_bias_act_vjp)
+
+
+def _conv_cm(a, W, b, act):
+    """One ``'same'`` convolution in the channel-major layout followed by the activation
+    ``act`` (``"relu"``, ``"tanh"`` or ``None``): ``a`` ``(c, n, h, w)``, ``W``
+    ``(o, c, k, k)``, ``b`` ``(o,)``; returns ``(o, n, h, w)``."""
     c, n, h, w = getval(a).shape
     o, _, k, _ = getval(W).shape
     if k == 1:
-        y = anp.matmul(anp.reshape(W, (o, c)), anp.reshape(a, (c, n * h * w)))
-        return anp.reshape(y + anp.reshape(b, (o, 1)), (o, n, h, w))
+        y = _gemm_bias_act(anp.reshape(W, (o, c)), anp.reshape(a, (c, n * h * w)), b, act)
+        return anp.reshape(y, (o, n, h, w))
     r = (k - 1) // 2
     if c * h * w <= o * (h + 2 * r) * (w + 2 * r):  # im2col copies fewer rows
         Wm = anp.reshape(anp.transpose(W, (0, 2, 3, 1)), (o, k * k * c))
-        y = anp.matmul(Wm, _im2col(a, k)) + anp.reshape(b, (o, 1))
-        return anp.reshape(y, (o, n, h, w))
+        return anp.reshape(_gemm_bias_act(Wm, _im2col(a, k), b, act), (o, n, h, w))
     Wt = anp.reshape(anp.transpose(W, (2, 3, 0, 1)), (k * k * o, c))
     padded = anp.reshape(_pad(a, r), (c, -1))
-    return _tap_sum(anp.matmul(Wt, padded), k, (o, n, h, w)) + anp.reshape(b, (o, 1, 1, 1))
+    y = _tap_sum(anp.matmul(Wt, padded), k, (o, n, h, w)) + anp.reshape(b, (o, 1, 1, 1))
+    return _ACT_FN[act](y)
+
+
+_ACT_FN = {
+    None: lambda y: y,
+    "relu": lambda y: y * (getval(y) > 0),
+    "tanh": lambda y: nets.tanh(y),
+}
 
 
 def convnet_apply_cm(leaves, x, act):
     """:func:`flowmath.nets.convnet_apply` in the channel-major layout: ``leaves`` the flat
-    ``(W_0, b_0, W_1, b_1, ...)``, ``x`` ``(n, c, h, w)``, ``act`` the hidden activation;
-    returns ``(n, c_out, h, w)``."""
+    ``(W_0, b_0, W_1, b_1, ...)``, ``x`` ``(n, c, h, w)``, ``act`` the hidden activation
+    (``"relu"`` or ``"tanh"``); returns ``(n, c_out, h, w)``."""
     a = swap01(x)
     n_layers = len(leaves) // 2
     for k in range(n_layers):
-        a = _conv_cm(a, leaves[2 * k], leaves[2 * k + 1])
-        if k < n_layers - 1:
-            a = act(a)
+        a = _conv_cm(a, leaves[2 * k], leaves[2 * k + 1], act if k < n_layers - 1 else None)
     return swap01(a)

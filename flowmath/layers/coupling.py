@@ -301,7 +301,7 @@ class _Coupling(Bijection):
     def _conditioner(self, net, part, xa):
         act = nets.relu if self.activation == "relu" else nets.tanh
         if part.image:  # every convolution one GEMM over the batch and the pixels
-            return convnet_apply_cm(net, xa, act)
+            return convnet_apply_cm(net, xa, self.activation)
         return nets._feedforward(net, xa, nets._dense, act)
 
     def _forward(self, params, x, rng):
