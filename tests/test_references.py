@@ -197,7 +197,8 @@ def test_gram_certificate_covers_rounding(shape):
 
 
 @pytest.mark.parametrize("rtol", [1e-4, 1e-6, 1e-8])
-def test_dopri5_controller_is_scipys_rk45_step_for_step(rtol):
+@pytest.mark.parametrize("first_step", [0.01, 3.0])  # 3.0: rejections clipped at MIN_FACTOR
+def test_dopri5_controller_is_scipys_rk45_step_for_step(rtol, first_step):
     """The adaptive driver's elementary controller (error norm, SAFETY 0.9, exponent -1/5 for
     the 5(4) pair, factors clipped to [0.2, 10], no growth after a rejection) is scipy's RK45
     controller: from the same first step on Van der Pol (mu = 2) both take exactly the same
@@ -211,7 +212,29 @@ def test_dopri5_controller_is_scipys_rk45_step_for_step(rtol):
         return np.array([y[1], 2.0 * (1 - y[0] ** 2) * y[1] - y[0]])
 
     y0, span = np.array([2.0, 0.0]), (0.0, 6.0)
-    sol = fm.ode.solve(rhs, y0, np.array(span), None, rtol=rtol, atol=rtol * 1e-2, first_step=0.01)
-    ref = solve_ivp(rhs, span, y0, method="RK45", rtol=rtol, atol=rtol * 1e-2, first_step=0.01)
+    opts = {"rtol": rtol, "atol": rtol * 1e-2, "first_step": first_step}
+    sol = fm.ode.solve(rhs, y0, np.array(span), None, **opts)
+    ref = solve_ivp(rhs, span, y0, method="RK45", **opts)
     assert (sol.n_accepted, sol.nfe) == (len(ref.t) - 1, ref.nfev), (sol.n_accepted, sol.nfe)
     np.testing.assert_allclose(sol.ys[-1], ref.y[:, -1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.5, 0.9])
+def test_fixed_point_residual_bound_recomputed_unconverged(c):
+    """At a loose tolerance (1e-4: the iterate is far from x*, so rounding is irrelevant) the
+    reported residual bound is ||y - F(x^k)|| / (1 - L) recomputed here (F is (1 - L)-co-
+    Lipschitz), it bounds the true error, and it is not loose by more than (1 + L) / (1 - L)."""
+    rng = np.random.default_rng(5)
+    block = fm.IResBlock(hidden=(16,), coeff=math.sqrt(c), logdet="exact")
+    x_star = 2 * rng.normal(size=(4, 6))
+    params = block.init(rng, x_star)
+    y, _ = block.forward(params, x_star)
+    x, info = block.invert(params, y, tol=1e-4)
+    L = info.lipschitz
+    Fx, _ = block.forward(params, x)
+    resid = np.linalg.norm(y - Fx, axis=1) / (1 - L)
+    np.testing.assert_allclose(info.residual_bound, resid, rtol=1e-9)
+    err = np.linalg.norm(x - x_star, axis=1)
+    assert np.all(err > 1e-9)  # unconverged: far above rounding
+    assert np.all(err <= resid * (1 + 1e-9))
+    assert np.all(resid <= err * (1 + L) / (1 - L) * (1 + 1e-9))

@@ -376,7 +376,7 @@ MUTATIONS += [
         "flowmath/ode/controller.py",
         "MIN_FACTOR = 0.2",
         "MIN_FACTOR = 0.5",
-        ("tests/test_ode.py", "tests/test_ode_registry.py", REF),
+        (REF, "tests/test_ode.py", "tests/test_ode_registry.py"),
     ),
     Mutation(
         "dopri5 propagates the 4th-order solution (b = the 7th row + 1e-3 drift)",
@@ -391,7 +391,7 @@ MUTATIONS += [
         "flowmath/layers/residual.py",
         "    resid = _row_norm(y - x - g(x)) / (1.0 - L)",
         "    resid = _row_norm(y - x - g(x)) / (1.0 + L)",
-        (R, REF),
+        (REF, R),
     ),
     Mutation(
         "Poisson survival off by one",
