@@ -479,6 +479,22 @@ def _check_data(data, name):
     return raw
 
 
+def _check_params(params):
+    """Every leaf a finite real floating array (integer leaves cannot be optimised: autograd
+    gives them no gradient and the update would truncate)."""
+    for i, leaf in enumerate(_leaves(params)):
+        raw = getval(leaf)
+        dtype = getattr(raw, "dtype", None)
+        if dtype is None or np.dtype(dtype).kind != "f":
+            what = f"dtype {dtype}" if dtype is not None else type(raw).__name__
+            raise TypeError(
+                f"`params` must hold floating arrays (leaf {i} in depth-first order, dict keys "
+                f"sorted); got {what}"
+            )
+        if not np.all(np.isfinite(raw)):
+            raise ValueError(f"`params` must be finite; leaf {i} holds NaN or inf")
+
+
 def _check_flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"`{name}` must be a bool; got {type(value).__name__} {value!r}")
@@ -616,6 +632,7 @@ def fit(
     if not callable(loss):
         raise TypeError(f"`loss` must be callable (params, batch, rng) -> NLL; got {type(loss)}")
     check_rng(rng)
+    _check_params(params)
     train = _check_data(train, "train")
     if valid is not None:
         valid = _check_data(valid, "valid")

@@ -148,7 +148,7 @@ def test_kernel_caller_checks_shapes(edit, match):
         (dict(hidden=(0,)), ValueError, "`hidden` must be a tuple of positive ints"),
         (dict(order="sorted"), ValueError, "`order` must be one of"),
         (dict(order=np.array([0, 0, 1])), ValueError, "`order` must be"),
-        (dict(identity_init="False"), TypeError, "`identity_init` must be a bool"),
+        (dict(identity_init="False"), TypeError, "`identity_init` must be True or False"),
         (dict(activation="elu"), ValueError, "`activation` must be one of"),
         (dict(seed=-1), ValueError, "`seed` must be >= 0"),
     ],

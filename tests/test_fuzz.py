@@ -274,6 +274,19 @@ def _run_params(case, all_leaves, jacobian):
             # misses its round trip at O(1) without raising. Counted, not asserted.
             _record(failures, f"{case.id} params {label}", outcome, "known")
             continue
+        if (
+            isinstance(layer, (fm.MAF, fm.IAF))
+            and "huge" in label
+            and outcome.startswith("wrong result: forward round trip")
+            and "," not in outcome
+        ):
+            # known, reported in the issue note: MADE weights x1e200 make the shift of feature
+            # i depend on x_<i with slope 1e200, so in floating point the map is not injective
+            # (x_2 = 0 and x_2 = -0.13 give the same z); the sequential inverse returns a
+            # preimage that reproduces y to rounding (the inverse round trip above holds) but is
+            # not x. Counted, not asserted.
+            _record(failures, f"{case.id} params {label}", outcome, "known")
+            continue
         _record(failures, f"{case.id} params {label}", outcome, counted)
     return failures
 
@@ -907,6 +920,8 @@ def test_fit_fuzz(tmp_path):
         "loss NaN always": dict(loss=lambda p, b, r: np.full(len(b), np.nan) + p["mu"]),
         "loss of the wrong shape": dict(loss=lambda p, b, r: np.zeros(3) + p["mu"]),
         "params with an int leaf": dict(params={"mu": np.zeros((), int), "log_s": np.zeros(())}),
+        "params with a NaN leaf": dict(params={"mu": np.zeros(()), "log_s": np.full((), np.nan)}),
+        "params with a string leaf": dict(params={"mu": np.zeros(()), "log_s": "0"}),
         "checkpoint a folder": dict(checkpoint=not_a_file),
         "schedule 'linear'": dict(schedule="linear"),
         "optimizer 'adam'": dict(optimizer="adam"),
@@ -914,9 +929,7 @@ def test_fit_fuzz(tmp_path):
         "blas_threads 0": dict(blas_threads=0),
     }
     failures = []
-    # known, reported to fit's owner (issue 9 note): an integer leaf fails inside the optimiser's
-    # in-place update with NumPy's UFuncTypeError; counted, not asserted, until fit checks it
-    known = {"params with an int leaf"}
+    known = set()
     for label, kw in cases.items():
         outcome = classify(lambda kw=kw: run(**kw), improves)
         _record(failures, f"fit {label}", outcome, "known" if label in known else "asserted")

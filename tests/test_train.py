@@ -446,3 +446,13 @@ def test_bad_data_and_loss_shapes(data):
 
     with pytest.raises(ValueError, match=r"`loss` must return a scalar or one value per example"):
         train.fit(bad, {"w": np.zeros(3)}, data, rng=rng, steps=2, progress=False)
+
+
+def test_bad_parameter_leaves(data):
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match=r"`params` must hold floating arrays \(leaf 0"):
+        train.fit(_quadratic(None), {"w": np.zeros(3, int)}, data, rng=rng, steps=2)
+    with pytest.raises(ValueError, match="`params` must be finite; leaf 1"):
+        train.fit(
+            _quadratic(None), {"v": np.zeros(1), "w": np.full(3, np.nan)}, data, rng=rng, steps=2
+        )
