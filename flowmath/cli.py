@@ -70,6 +70,38 @@ def _cmd_gpu_check(args) -> int:
     return gpu_check(batch=args.batch)
 
 
+#: command-line options that set a field of an experiment's Config, for the experiments whose
+#: Config has it (bits_per_dim: the data set and the folder of user-downloaded data)
+_CONFIG_OPTIONS = {"data": "datasets", "data_dir": "data_dir"}
+
+
+def _override(config, name, args):
+    """The config with the command line's data options; ``--jobs`` and ``--scheduler`` set how
+    the sweeps execute (:func:`experiments._sweep.configure`), not what they compute."""
+    import dataclasses
+
+    if args.jobs is not None or args.scheduler is not None:
+        from experiments import _sweep
+
+        _sweep.configure(jobs=args.jobs, scheduler=args.scheduler)
+    changes = {}
+    for option, field in _CONFIG_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if field not in {f.name for f in dataclasses.fields(config)}:
+            flag = "--" + option.replace("_", "-")
+            raise SystemExit(f"experiment {name!r} does not take {flag}")
+        changes[field] = (value,) if field == "datasets" else value
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _cmd_gpu_check(args) -> int:
+    from .gpu import gpu_check
+
+    return gpu_check(batch=args.batch)
+
+
 def _cmd_reproduce(args) -> int:
     from experiments._common import check_config, load_results, save_results, stamp_quick
 
@@ -86,6 +118,7 @@ def _cmd_reproduce(args) -> int:
     for name in names:
         module = exps.load(name)
         config = module.Config.quick() if args.quick else module.Config()
+        config = _override(config, name, args)
         mode = "re-plotting saved results" if args.replot else f"running ({settings} settings)"
         print(f"[{name}] {mode} ...", flush=True)
         start = time.perf_counter()
@@ -152,6 +185,23 @@ def main(argv=None) -> int:
         dest="raise_errors",
         action="store_true",
         help="stop at the first failing experiment with its traceback",
+    )
+    p_rep.add_argument(
+        "--data",
+        default=None,
+        help="data set of a sweep experiment (bits_per_dim: digits, mnist5000, or mnist with "
+        "--data-dir)",
+    )
+    p_rep.add_argument(
+        "--data-dir", default=None, help="folder of user-downloaded data (MNIST IDX or .npz)"
+    )
+    p_rep.add_argument(
+        "--jobs", type=int, default=None, help="parallel processes for a sweep's runs"
+    )
+    p_rep.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a dask.distributed scheduler to run a sweep's runs on",
     )
     p_rep.set_defaults(func=_cmd_reproduce)
     p_gpu = sub.add_parser(
