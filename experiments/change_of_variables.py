@@ -263,7 +263,7 @@ def _run_2d(config, rng):
     probs = _bin_probabilities(lambda x: flow.log_prob(params, x), ex, ey)
     inside = float(probs.sum())
     # mass by quadrature over a wide box (checks normalisation independently of the samples);
-    # the conditioners are ReLU MLPs, so p has kinks and the quadrature error is O(h^2), 1e-6 to 1e-5
+    # the conditioners are ReLU MLPs, so p has kinks: the quadrature error is O(h^2), 1e-6..1e-5
     wide_edges = np.linspace(-config.wide_box, config.wide_box, config.wide_bins + 1)
     mass = float(
         _bin_probabilities(
