@@ -44,6 +44,8 @@ import autograd.numpy as anp
 import numpy as np
 
 from ._checks import check_int, check_positive, check_rng
+from ._pytree import leaves as _leaves
+from ._pytree import tree_map
 from ._xp import getval
 from .layers.base import trusted_params
 
@@ -67,29 +69,8 @@ __all__ = [
 # -- pytrees --------------------------------------------------------------------------------------
 
 
-def tree_map(fn, *trees):
-    """Apply ``fn`` leaf-wise to pytrees of identical structure (``None`` stays ``None``)."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: tree_map(fn, *(t[k] for t in trees)) for k in first}
-    if isinstance(first, (list, tuple)):
-        out = [tree_map(fn, *items) for items in zip(*trees, strict=True)]
-        return type(first)(out) if isinstance(first, tuple) else out
-    if first is None:
-        return None
-    return fn(*trees)
-
-
 def tree_zeros_like(tree):
     return tree_map(np.zeros_like, tree)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for item in tree for leaf in _leaves(item)]
-    return [] if tree is None else [tree]
 
 
 def global_norm(tree) -> float:
