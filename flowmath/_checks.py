@@ -23,6 +23,7 @@ __all__ = [
     "check_hidden",
     "check_in_open_interval",
     "check_int",
+    "check_permutation",
     "check_positive",
     "check_probability",
     "check_pytree",
@@ -153,6 +154,24 @@ def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"`{name}` must be True or False; got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_permutation(value, name: str, choices=()) -> np.ndarray:
+    """A permutation of ``0..d-1`` as a read-only int64 array (any integer sequence), else a
+    ``ValueError`` that names the string ``choices`` the argument also accepts."""
+    arr = np.asarray(value)
+    if (
+        arr.ndim != 1
+        or arr.dtype.kind not in "iu"
+        or not np.array_equal(np.sort(arr), np.arange(arr.size))
+    ):
+        alts = f" or one of {', '.join(map(repr, choices))}" if choices else ""
+        raise ValueError(
+            f"`{name}` must be a permutation of 0..d-1 (a sequence of ints){alts}; got {value!r}"
+        )
+    arr = arr.astype(np.int64)
+    arr.setflags(write=False)
+    return arr
 
 
 def check_hidden(hidden, name: str = "hidden") -> tuple:

@@ -13,7 +13,7 @@ import flowmath as fm
 from flowmath import train
 
 
-def _quadratic(target):
+def _quadratic():
     """Per-example loss 0.5 |p - x|^2 summed over features: its mean is minimised by the mean
     of the data."""
 
@@ -75,7 +75,7 @@ def test_schedules_follow_their_formulas():
 def test_fit_follows_the_learning_rate_schedule(data):
     p0 = {"w": np.zeros(3)}
     _, res = train.fit(
-        _quadratic(None),
+        _quadratic(),
         p0,
         data,
         rng=np.random.default_rng(0),
@@ -120,7 +120,7 @@ def test_validation_mean_and_standard_error(data):
     valid = data[:123] * 1.5
     p0 = {"w": np.array([0.3, 0.1, -0.2])}
     _, res = train.fit(
-        _quadratic(None),
+        _quadratic(),
         p0,
         data,
         valid=valid,
@@ -143,35 +143,21 @@ def test_keep_best_returns_the_best_validated_parameters(data):
     of the best evaluation, and their validation NLL is recomputed here."""
     valid = data[:100] * 0.0 + np.array([0.5, -1.0, 0.25])
     p0 = {"w": np.array([-3.0, 3.0, -3.0])}
-    params, res = train.fit(
-        _quadratic(None),
-        p0,
-        data,
+    kw = dict(
         valid=valid,
-        rng=np.random.default_rng(3),
         steps=200,
         optimizer=train.SGD(0.02, momentum=0.0),
         eval_every=10,
         progress=False,
     )
+    params, res = train.fit(_quadratic(), p0, data, rng=np.random.default_rng(3), **kw)
     k = int(np.argmin(res.valid_nll))
     assert 0 < k < len(res.valid_nll) - 1  # not monotone: the test means something
     assert res.best_step == res.valid_steps[k]
     direct = np.mean(0.5 * np.sum((params["w"] - valid) ** 2, axis=1))
     assert direct == pytest.approx(res.valid_nll[k], rel=1e-13)
     assert direct < res.valid_nll[-1]
-    last, _ = train.fit(
-        _quadratic(None),
-        p0,
-        data,
-        valid=valid,
-        rng=np.random.default_rng(3),
-        steps=200,
-        optimizer=train.SGD(0.02, momentum=0.0),
-        eval_every=10,
-        progress=False,
-        keep_best=False,
-    )
+    last, _ = train.fit(_quadratic(), p0, data, rng=np.random.default_rng(3), keep_best=False, **kw)
     assert np.mean(0.5 * np.sum((last["w"] - valid) ** 2, axis=1)) == pytest.approx(
         res.valid_nll[-1], rel=1e-13
     )
@@ -181,7 +167,7 @@ def test_early_stopping_after_patience(data):
     valid = np.full((10, 3), -5.0)  # moves away from the training optimum: never improves
     p0 = {"w": np.full(3, -4.0)}
     _, res = train.fit(
-        _quadratic(None),
+        _quadratic(),
         p0,
         data,
         valid=valid,
@@ -368,7 +354,7 @@ def test_blas_threads_are_capped_inside_fit(data):
 
 def test_no_progress_output_when_off(data, capsys):
     train.fit(
-        _quadratic(None),
+        _quadratic(),
         {"w": np.zeros(3)},
         data,
         rng=np.random.default_rng(0),
@@ -380,7 +366,7 @@ def test_no_progress_output_when_off(data, capsys):
 
 def test_epochs_count_full_batches(data):
     _, res = train.fit(
-        _quadratic(None),
+        _quadratic(),
         {"w": np.zeros(3)},
         data,
         rng=np.random.default_rng(0),
@@ -396,7 +382,7 @@ def test_plot_curves(data):
 
     matplotlib.use("Agg")
     _, res = train.fit(
-        _quadratic(None),
+        _quadratic(),
         {"w": np.zeros(3)},
         data,
         valid=data[:50],
@@ -431,15 +417,15 @@ def test_bad_arguments(data, kwargs, exc, match):
     kw = dict(rng=np.random.default_rng(0), progress=False)
     kw.update(kwargs)
     with pytest.raises(exc, match=match):
-        train.fit(_quadratic(None), {"w": np.zeros(3)}, data, **kw)
+        train.fit(_quadratic(), {"w": np.zeros(3)}, data, **kw)
 
 
 def test_bad_data_and_loss_shapes(data):
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="`train` must be finite"):
-        train.fit(_quadratic(None), {"w": np.zeros(3)}, data * np.nan, rng=rng, steps=2)
+        train.fit(_quadratic(), {"w": np.zeros(3)}, data * np.nan, rng=rng, steps=2)
     with pytest.raises(TypeError, match="`train` must be a NumPy array"):
-        train.fit(_quadratic(None), {"w": np.zeros(3)}, data.tolist(), rng=rng, steps=2)
+        train.fit(_quadratic(), {"w": np.zeros(3)}, data.tolist(), rng=rng, steps=2)
 
     def bad(p, batch, r):
         return anp.sum((p["w"] - batch) ** 2, axis=0)  # (3,), not (n,)
@@ -451,8 +437,6 @@ def test_bad_data_and_loss_shapes(data):
 def test_bad_parameter_leaves(data):
     rng = np.random.default_rng(0)
     with pytest.raises(TypeError, match=r"`params` must hold floating arrays \(leaf 0"):
-        train.fit(_quadratic(None), {"w": np.zeros(3, int)}, data, rng=rng, steps=2)
+        train.fit(_quadratic(), {"w": np.zeros(3, int)}, data, rng=rng, steps=2)
     with pytest.raises(ValueError, match="`params` must be finite; leaf 1"):
-        train.fit(
-            _quadratic(None), {"v": np.zeros(1), "w": np.full(3, np.nan)}, data, rng=rng, steps=2
-        )
+        train.fit(_quadratic(), {"v": np.zeros(1), "w": np.full(3, np.nan)}, data, rng=rng, steps=2)

@@ -34,7 +34,7 @@ import autograd.numpy as anp
 import numpy as np
 
 from .. import nets
-from .._checks import Leaf, check_bool, check_choice, check_hidden, check_int
+from .._checks import Leaf, check_bool, check_choice, check_hidden, check_int, check_permutation
 from .._xp import getval, is_box, leaves
 from ..kernels import made
 from .base import VECTOR, Bijection
@@ -66,19 +66,7 @@ class _Autoregressive(Bijection):
         if isinstance(order, str):
             self.order = check_choice(order, "order", ORDERS)
         else:
-            arr = np.asarray(order)
-            if (
-                arr.ndim != 1
-                or arr.dtype.kind not in "iu"
-                or not np.array_equal(np.sort(arr), np.arange(arr.size))
-            ):
-                raise ValueError(
-                    "`order` must be 'natural', 'reversed', 'random' or a permutation of "
-                    f"range(d) as an integer array; got {order!r}"
-                )
-            arr = arr.astype(np.int64)
-            arr.setflags(write=False)
-            self.order = arr
+            self.order = check_permutation(order, "order", ORDERS)
         self.seed = check_int(seed, "seed", minimum=0)
         self.activation = check_choice(activation, "activation", tuple(made.ACTIVATIONS))
         self.identity_init = check_bool(identity_init, "identity_init")

@@ -29,7 +29,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.scipy.linalg import solve_triangular
 
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_int, check_permutation
 from .._xp import getval, to_numpy
 from .base import VECTOR, Bijection, Leaf
 
@@ -305,15 +305,7 @@ class LULinear(Bijection):
                 )
             self.permutation = permutation
         else:
-            perm = np.asarray(permutation)
-            if (
-                perm.ndim != 1
-                or perm.dtype.kind not in "iu"
-                or not np.array_equal(np.sort(perm), np.arange(perm.size))
-            ):
-                raise ValueError(
-                    f"`permutation` must be a permutation of 0..d-1; got {permutation!r}"
-                )
+            perm = check_permutation(permutation, "permutation", ("reverse", "identity"))
             self.permutation = tuple(int(i) for i in perm)
 
     def _perm(self, d):
