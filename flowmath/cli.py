@@ -64,12 +64,6 @@ def output_dirs(quick: bool, out=None, tex_dir=None) -> tuple[Path, Path]:
     return Path(out), Path(tex_dir) if tex_dir is not None else Path(out)
 
 
-def _cmd_gpu_check(args) -> int:
-    from .gpu import gpu_check
-
-    return gpu_check(batch=args.batch)
-
-
 #: command-line options that set a field of an experiment's Config, for the experiments whose
 #: Config has it (bits_per_dim: the data set and the folder of user-downloaded data)
 _CONFIG_OPTIONS = {"data": "datasets", "data_dir": "data_dir"}
@@ -112,7 +106,16 @@ def _cmd_reproduce(args) -> int:
         print(f"unknown experiment(s): {', '.join(unknown)}; see `flowmath list`", file=sys.stderr)
         return 2
     out, tex_dir = output_dirs(args.quick, args.out, args.tex_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for folder, flag in ((out, "--out"), (tex_dir, "--tex-dir")):
+        try:  # a file of that name, a read-only parent, ...: one line, not a traceback
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"flowmath reproduce: `{flag}` must be a folder that exists or can be created; "
+                f"got {str(folder)!r} ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            return 2
     settings = "quick" if args.quick else "full"
     failures = []
     for name in names:
