@@ -121,3 +121,15 @@ def test_quick_folders_are_ignored_by_git():
     lines = (Path(__file__).parents[1] / ".gitignore").read_text().split()
     for folder in QUICK_DIRS:
         assert f"{folder.as_posix()}/" in lines, f"{folder}/ must be git-ignored"
+
+
+def test_bad_out_is_one_line(tmp_path, capsys):
+    """``--out`` naming a path under a file: exit 2 and one line that names the flag (no
+    traceback)."""
+    from flowmath.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["reproduce", "coupling_jacobian", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`--out` must be a folder" in err[0]
