@@ -55,6 +55,7 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 from ._checks import check_int
@@ -283,8 +284,6 @@ def exact(flow: Flow) -> Flow:
 
 
 def _exact_layer(layer):
-    import copy
-
     if isinstance(layer, Chain) and type(layer) is Chain:
         return Chain([_exact_layer(sub) for sub in layer.layers])
     if isinstance(layer, CNF) and layer.trace != "exact":

@@ -86,6 +86,11 @@ def _copy(tree):
     return tree_map(lambda a: np.array(a, copy=True), tree)
 
 
+def _copy_state(state):
+    """A copy of an optimiser state: its trees copied, its integer step counter ``t`` kept."""
+    return {k: (v if k == "t" else _copy(v)) for k, v in state.items()}
+
+
 # -- optimisers -----------------------------------------------------------------------------------
 
 
@@ -718,14 +723,8 @@ class _Loop:
 
     def _mean_loss(self, params, batch, rng):
         out = self.loss(params, batch, rng)
-        shape = np.shape(getval(out))
-        if shape == ():
+        if _per_example(out, len(batch), "loss") is None:
             return out
-        if shape != (len(batch),):
-            raise ValueError(
-                f"`loss` must return a scalar or one value per example, shape ({len(batch)},); "
-                f"got shape {shape}"
-            )
         return anp.sum(out) * (1.0 / len(batch))
 
     # -- state ------------------------------------------------------------------------------
@@ -822,7 +821,7 @@ class _Loop:
     def _snap(self):
         return {
             "params": _copy(self.params),
-            "opt_state": {k: (_copy(v) if k != "t" else v) for k, v in self.opt_state.items()},
+            "opt_state": _copy_state(self.opt_state),
             "step": self.step,
             "n_valid": len(self.valid_steps),
         }
@@ -836,7 +835,7 @@ class _Loop:
             )
         snap = self.snapshot
         self.params = _copy(snap["params"])
-        self.opt_state = {k: (_copy(v) if k != "t" else v) for k, v in snap["opt_state"].items()}
+        self.opt_state = _copy_state(snap["opt_state"])
         self.step = snap["step"]
         del self.train_loss[self.step :], self.grad_norm[self.step :], self.lrs[self.step :]
         n = snap["n_valid"]
