@@ -14,6 +14,12 @@ compared only within one process. The protocol these helpers implement:
    :func:`median_ratio`, :func:`summary`), not a ratio of medians: a burst of load hits both
    members of a round alike and cancels in their ratio.
 
+Every ``experiments/bench_*.py`` has the same shape: a ``WORKLOADS`` dict from a workload's id
+to a function ``fn(rounds, threads, **options) -> dict`` that times it, prints its table and
+returns its numbers, and a ``main(argv)`` that hands them to :func:`bench_main`, which gives
+every benchmark the same command line (``--rounds``, ``--only``, ``--threads``, ``--json``,
+``--list``) and the same JSON record (threads, rounds, load average, versions, results).
+
 This module imports only the standard library at load time (NumPy lazily), so that
 :func:`thread_env_defaults` can run before NumPy reads its thread variables.
 """
@@ -29,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 __all__ = [
     "THREAD_VARS",
     "alternate",
+    "bench_main",
     "blas_threads",
     "calibrate",
     "clock",
@@ -220,3 +227,107 @@ def ratios_of(times: Mapping[str, Sequence[float]], name: str) -> dict:
     """``{other: median per-round ratio times[name] / times[other]}`` for every other contender
     of one :func:`alternate` run (``name`` over its floor, over each baseline)."""
     return {other: median_ratio(times[name], ts) for other, ts in times.items() if other != name}
+
+
+# -- the benchmarks' command line ---------------------------------------------------------------
+
+
+def _jsonable(obj):
+    """``obj`` with NumPy scalars and arrays, tuples and non-string keys made JSON-ready."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # NumPy scalar or array
+        return obj.tolist()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def bench_main(
+    argv: Sequence[str] | None,
+    *,
+    doc: str | None,
+    workloads: Mapping[str, Callable[..., dict]],
+    rounds: int,
+    threads: int = 2,
+    options: Sequence[tuple[Sequence[str], dict]] = (),
+) -> dict:
+    """The command line every ``experiments/bench_*.py`` shares; returns the results.
+
+    Parameters
+    ----------
+    argv : sequence of str or None
+        The arguments (``None``: ``sys.argv[1:]``): ``--rounds N`` alternating rounds,
+        ``--only ID [ID ...]`` a subset of the workloads (default: all, in order),
+        ``--threads N`` for NumPy's BLAS (set here with threadpoolctl) and for torch (each
+        workload passes it on), ``--json PATH`` to also write the record, ``--list`` to print
+        the workloads' ids and first docstring lines and stop.
+    doc : str
+        The module's docstring; its first line is the help's description.
+    workloads : mapping
+        ``{id: fn}`` with ``fn(rounds=..., threads=..., **options) -> dict``.
+    rounds, threads : int
+        The defaults of ``--rounds`` and ``--threads``.
+    options : sequence of ``(flags, kwargs)``
+        Extra arguments of this benchmark (``parser.add_argument(*flags, **kwargs)``); their
+        values reach every workload as keyword arguments.
+    """
+    import argparse
+    import json
+    import platform
+    import sys
+
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(workloads), default=None, help="workloads to run"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=threads, help="threads for NumPy's BLAS and for torch"
+    )
+    parser.add_argument("--json", default=None, help="also write the record to this JSON file")
+    parser.add_argument("--list", action="store_true", help="list the workloads and stop")
+    for flags, kwargs in options:
+        parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be a positive integer; got {args.rounds}")
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer; got {args.threads}")
+    if args.list:
+        for name, fn in workloads.items():
+            first = (fn.__doc__ or "").strip().splitlines()
+            print(f"{name:<8s} {first[0] if first else ''}")
+        return {}
+    common = {"rounds", "only", "threads", "json", "list"}
+    extra = {k: v for k, v in vars(args).items() if k not in common}
+    import numpy as np
+
+    previous = blas_threads(args.threads)
+    warm_allocator()
+    load_before = os.getloadavg()
+    print(
+        f"threads: {args.threads} (NumPy's BLAS was {previous}); rounds: {args.rounds}; "
+        f"load average {load_before[0]:.2f}"
+    )
+    results = {}
+    for name in args.only or list(workloads):
+        results[name] = workloads[name](rounds=args.rounds, threads=args.threads, **extra)
+    record = {
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "options": extra,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(_jsonable(record), fh, indent=1)
+    return record

@@ -42,23 +42,23 @@ What was found making W5 BLAS-bound (all fixed in the library or worked around h
   here is ``sum * (1/n)``. With it, every cotangent and every product of the backward is float32
   (checked below, with a note if not).
 
-Run: ``python -m experiments.bench_layers [--rounds N] [--only W5|W7|glow]``; set
-``FLOWMATH_BENCH_THREADS=1`` to use one thread in every library.
+Run: ``python -m experiments.bench_layers [--rounds N] [--only W5 W7 glow] [--threads N]
+[--json PATH] [--list]`` (the command line of every benchmark, ``experiments/_timing.py``);
+``FLOWMATH_BENCH_THREADS`` sets the default thread count.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
 from experiments._timing import (
     alternate,
+    bench_main,
     import_baselines,
     median_ms,
     ratios_of,
     thread_env_defaults,
-    warm_allocator,
 )
 
 # 2 threads for every library (docs/benchmarks.rst); FLOWMATH_BENCH_THREADS overrides (on an
@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 
 import flowmath as fm  # noqa: E402
 
-__all__ = ["bench_glow_step", "bench_w5", "bench_w7", "main"]
+__all__ = ["WORKLOADS", "bench_glow_step", "bench_w5", "bench_w7", "glow", "main", "w5", "w7"]
 
 NOTES: list[str] = []
 
@@ -661,42 +661,51 @@ def _print_table(title, rows):
         print(f"  {name:<18s} {stats['median_ms']:10.2f} {stats['fm_over']:15.2f}")
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per workload")
-    parser.add_argument("--only", choices=["W5", "W7", "glow"], default=None)
-    args = parser.parse_args(argv)
-    warm_allocator()  # touch and free 32 MiB: a settled allocator for everyone
-    out = {}
-    if args.only in (None, "W5"):
-        out["W5"] = bench_w5(args.rounds)
-        _print_table(
-            "W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32)", out["W5"]["grad"]
-        )
-        _print_table("W5 RealNVP d=784, sample 256 (float32)", out["W5"]["sample"])
-        if "loglik_rel_diff_vs_torch" in out["W5"]:
-            print(
-                f"  log-likelihood flowmath vs torch twin: rel. diff "
-                f"{out['W5']['loglik_rel_diff_vs_torch']:.2e}"
-            )
-    if args.only in (None, "W7"):
-        out["W7"] = bench_w7(max(args.rounds, 15))
-        for key in ("LU", "slogdet"):
-            _print_table(
-                f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key})", out["W7"][key]
-            )
-    if args.only in (None, "glow"):
-        out["glow"] = bench_glow_step(args.rounds)
-        _print_table("Glow step 256x12x16x16 float32, forward + log-det", out["glow"]["forward"])
-        _print_table(
-            "Glow step 256x12x16x16 float32, mean log-likelihood + gradient", out["glow"]["grad"]
-        )
+def w5(rounds: int = 7, threads: int = THREADS) -> dict:
+    """W5: RealNVP d = 784, log_prob + gradient of its mean, and sampling (float32)."""
+    out = bench_w5(rounds)
+    _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32)", out["grad"])
+    _print_table("W5 RealNVP d=784, sample 256 (float32)", out["sample"])
+    if "loglik_rel_diff_vs_torch" in out:
         print(
-            "  vs floor: loss rel. diff {loss_rel_diff_vs_floor:.1e}, gradient max rel. diff "
-            "{grad_max_rel_diff_vs_floor:.1e}".format(**out["glow"])
+            f"  log-likelihood flowmath vs torch twin: rel. diff "
+            f"{out['loglik_rel_diff_vs_torch']:.2e}"
         )
-    out["notes"] = list(NOTES)
     return out
+
+
+def w7(rounds: int = 15, threads: int = THREADS) -> dict:
+    """W7: Glow's 1x1 convolution on 256 x 48 x 16 x 16, forward + log-det (LU and slogdet)."""
+    out = bench_w7(max(rounds, 15))
+    for key in ("LU", "slogdet"):
+        _print_table(f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key})", out[key])
+    return out
+
+
+def glow(rounds: int = 7, threads: int = THREADS) -> dict:
+    """A Glow step on 256 x 12 x 16 x 16: forward + log-det, and loss + gradient (float32)."""
+    out = bench_glow_step(rounds)
+    _print_table("Glow step 256x12x16x16 float32, forward + log-det", out["forward"])
+    _print_table("Glow step 256x12x16x16 float32, mean log-likelihood + gradient", out["grad"])
+    print(
+        "  vs floor: loss rel. diff {loss_rel_diff_vs_floor:.1e}, gradient max rel. diff "
+        "{grad_max_rel_diff_vs_floor:.1e}".format(**out)
+    )
+    return out
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {"W5": w5, "W7": w7, "glow": glow}
+
+
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_layers [--rounds N] [--only W5 W7 glow] [--threads N]
+    [--json PATH]``; the BLAS thread count of ``--threads`` is set with threadpoolctl (torch runs
+    its 1- and 2-thread rows regardless)."""
+    record = bench_main(argv, doc=__doc__, workloads=WORKLOADS, rounds=7, threads=THREADS)
+    if record:
+        record["notes"] = list(NOTES)  # printed as they arose
+    return record
 
 
 if __name__ == "__main__":
