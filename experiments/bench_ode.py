@@ -22,17 +22,18 @@ call of every contender, then rounds alternating flowmath and each baseline (A B
 the ratio of every round is baseline time / flowmath time, and the table reports the median
 of the ratios with the median times. Baselines are skipped with a message when absent.
 
-Run: ``python -m experiments.bench_ode [--rounds 7] [--only W1 W2 ...] [--quick]``.
+Run: ``python -m experiments.bench_ode [--rounds 7] [--only W1 W2 ...] [--threads 2] [--json PATH]
+[--quick]`` (the command line of every benchmark, ``experiments/_timing.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 from experiments._timing import (
     alternate,
+    bench_main,
     blas_threads,
     clock,
     import_baselines,
@@ -51,7 +52,7 @@ import numpy as np  # noqa: E402
 import flowmath as fm  # noqa: E402
 from flowmath.ode.dynamics import CNFDynamics, MLPDynamics  # noqa: E402
 
-__all__ = ["blas_threads", "compare_all", "main", "run_benchmarks", "user_mlp"]
+__all__ = ["WORKLOADS", "blas_threads", "compare_all", "main", "run_benchmarks", "user_mlp"]
 
 RTOL, ATOL = 1e-5, 1e-7
 CNF_TOL = 1e-5
@@ -421,47 +422,51 @@ def w4(rounds, torch, tdq, dims=(2, 8, 32, 128, 512), batch=256):
     return out
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+def _workload(fn, doc: str):
+    """``fn(rounds, torch, tdq)`` as a workload of the shared command line (``_timing``)."""
+
+    def run(rounds: int = 7, threads: int = 2, quick: bool = False) -> dict:
+        torch, tdq = _torch(threads)
+        kwargs = {"dims": (2, 8, 32, 128)} if quick and fn is w4 else {}
+        res = fn(3 if quick else rounds, torch, tdq, **kwargs)
+        show = _print_all if fn in (w1, w2) else _print
+        show(f"{run.id}  (alternating rounds: {3 if quick else rounds})", res)
+        return res
+
+    run.__doc__ = doc
+    return run
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {
+    "W1": _workload(w1, "W1: dopri5 forward solve, MLP dynamics on R^2, batch 1024."),
+    "W2": _workload(w2, "W2: gradient of sum z(1)^2 w.r.t. z0 and the weights (adjoints)."),
+    "W3": _workload(w3, "W3: one training step of a 2-D CNF with the exact divergence."),
+    "W4": _workload(w4, "W4: CNF forward solve with a Hutchinson trace against dimension d."),
+}
+for _id, _run in WORKLOADS.items():
+    _run.id = _id
 
 
 def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False, threads=2):
-    warm_allocator()
+    """The workloads ``only`` with ``threads`` BLAS and torch threads; ``{id: results}``."""
     old = blas_threads(threads)
+    warm_allocator()
     print(f"threads: torch {threads}, NumPy's OpenBLAS {threads} (was {old})")
-    torch, tdq = _torch(threads)
-    results = {}
-    for name in only:
-        fn = WORKLOADS[name]
-        kwargs = {}
-        if quick and name == "W4":
-            kwargs["dims"] = (2, 8, 32, 128)
-        res = fn(rounds, torch, tdq, **kwargs)
-        show = _print_all if name in ("W1", "W2") else _print
-        show(f"{name}  ({'alternating rounds: ' + str(rounds)})", res)
-        results[name] = res
-    return results
+    return {name: WORKLOADS[name](rounds, threads, quick) for name in only}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--only", nargs="*", default=["W1", "W2", "W3", "W4"])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, W4 up to d = 128")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=2,
-        help="threads for torch and for NumPy's BLAS (docs/benchmarks.rst: 2)",
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_ode [--rounds N] [--only W1 ...] [--threads N] [--json PATH]
+    [--quick]``: the shared command line of ``experiments/_timing.py``."""
+    return bench_main(
+        argv,
+        doc=__doc__,
+        workloads=WORKLOADS,
+        rounds=7,
+        threads=2,
+        options=[(("--quick",), {"action": "store_true", "help": "3 rounds, W4 up to d = 128"})],
     )
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = ap.parse_args(argv)
-    rounds = 3 if args.quick else args.rounds
-    results = run_benchmarks(tuple(args.only), rounds, args.quick, args.threads)
-    if args.json:
-        import json
-
-        with open(args.json, "w") as fh:
-            json.dump({"threads": args.threads, "rounds": rounds, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":
