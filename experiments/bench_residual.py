@@ -22,18 +22,17 @@ rule).
 Timing protocol: one process, ~32 MiB allocated and freed once, a warm-up, then flowmath, the
 floor and torch with 1 and with 2 intra-op threads alternate (A B C D, D C B A, ...); the table
 gives the medians and the median of the per-round ratios of flowmath to each row. Run
-``python -m experiments.bench_residual [--reps N]``. torch is optional: without it only
+``python -m experiments.bench_residual [--rounds N] [--threads N] [--json PATH]`` (the command line
+of every benchmark, ``experiments/_timing.py``). torch is optional: without it only
 flowmath and the floor are timed.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 import flowmath as fm
-from experiments._timing import alternate, clock, import_baselines, warm_allocator
+from experiments._timing import alternate, bench_main, clock, import_baselines
 from experiments.bench_layers import _print_table, _table, _torch_threads
 from flowmath.lipschitz import certified_spectral_norm
 
@@ -139,12 +138,9 @@ def _floor(params, coeff):
     return forward, invert
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5, help="alternating pairs per workload")
-    args = ap.parse_args(argv)
+def w6(rounds: int = 5, threads: int = 2) -> dict:
+    """W6: i-ResNet block d = 784, forward + 10-term log-det, and the fixed-point inverse."""
     rng = np.random.default_rng(0)
-    warm_allocator()  # ~32 MiB allocated and freed once (allocator state)
     x = rng.normal(size=(BATCH, D)).astype(np.float32)
     block = fm.IResBlock(
         hidden=(HIDDEN,),
@@ -174,7 +170,7 @@ def main(argv=None):
     def skip(exc):
         print("torch not installed: baseline skipped (pip install flowmath[bench])")
 
-    (torch,) = import_baselines("torch", threads=2, on_missing=skip)
+    (torch,) = import_baselines("torch", threads=threads, on_missing=skip)
     floor_fwd, floor_inv = _floor(params, COEFF)
     probe_np = np.random.default_rng(1).standard_normal((BATCH, D)).astype(np.float32)
     workloads = {
@@ -198,10 +194,20 @@ def main(argv=None):
     tables = {}
     for name, fns in workloads.items():
         # one warm-up call each, then rounds A B C D, D C B A, ...
-        tables[name] = _table(alternate(fns, args.reps, mirror=True))
+        tables[name] = _table(alternate(fns, rounds, mirror=True))
         _print_table(f"W6 {name} (float32)", tables[name])
     print("(flowmath / row = median over alternating rounds; target <= 1.5 over the floor)")
     return tables
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {"W6": w6}
+
+
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_residual [--rounds N] [--threads N] [--json PATH]``: the
+    shared command line of ``experiments/_timing.py``."""
+    return bench_main(argv, doc=__doc__, workloads=WORKLOADS, rounds=5, threads=2)
 
 
 if __name__ == "__main__":
