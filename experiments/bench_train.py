@@ -25,22 +25,22 @@ alternate the contenders (mirrored on odd rounds), each sample looped to last >=
 figure reported is the median over rounds of the per-round ratio flowmath / baseline. torch and
 zuko are optional (``pip install 'flowmath[bench]'``): missing ones are skipped with a message.
 
-Run: ``python -m experiments.bench_train [--rounds N] [--activation tanh|relu]``.
+Run: ``python -m experiments.bench_train [--rounds N] [--threads 1] [--json PATH]
+[--activation tanh|relu]`` (the command line of every benchmark, ``experiments/_timing.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
 from experiments._timing import (
     alternate,
+    bench_main,
     import_baselines,
     median_ms,
     ratios_of,
     thread_env_defaults,
-    warm_allocator,
 )
 
 # one BLAS thread: the matrices are tiny (64 x 64), threads only add synchronisation
@@ -53,7 +53,17 @@ import numpy as np  # noqa: E402
 import flowmath as fm  # noqa: E402
 from flowmath.layers.base import trusted_params  # noqa: E402
 
-__all__ = ["D", "HIDDEN", "N_LAYERS", "BATCH", "flowmath_step", "main", "torch_step"]
+__all__ = [
+    "BATCH",
+    "D",
+    "HIDDEN",
+    "N_LAYERS",
+    "WORKLOADS",
+    "flowmath_step",
+    "main",
+    "torch_step",
+    "w9",
+]
 
 D, HIDDEN, N_LAYERS, BATCH = 2, (64, 64), 8, 256
 
@@ -140,15 +150,11 @@ def zuko_step(torch, x, activation: str = "tanh"):
     return step
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds")
-    parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh")
-    args = parser.parse_args(argv)
-    warm_allocator()
+def w9(rounds: int = 15, threads: int = 1, activation: str = "tanh") -> dict:
+    """W9: RealNVP d = 2 (8 couplings, MLP 1-64-64-2), loss + gradient, batch 256, float64."""
     rng = np.random.default_rng(20261201)
     x = fm.data.eight_gaussians(BATCH, rng)
-    step, flow, params, loss = flowmath_step(x, rng, args.activation)
+    step, flow, params, loss = flowmath_step(x, rng, activation)
 
     def trusted():
         with trusted_params():
@@ -160,24 +166,24 @@ def main(argv=None) -> dict:
     def skip(exc):
         print("note: torch is not installed: baselines skipped (pip install 'flowmath[bench]')")
 
-    (torch,) = import_baselines("torch", threads=1, on_missing=skip)
+    (torch,) = import_baselines("torch", threads=threads, on_missing=skip)
     if torch is not None:
-        t_step, t_loss = torch_step(torch, params, x, args.activation)
+        t_step, t_loss = torch_step(torch, params, x, activation)
         with torch.no_grad():
             ref = float(t_loss())
         result["loss_rel_diff_vs_torch"] = abs(float(loss(params)) - ref) / abs(ref)
-        fns["torch-1t"] = t_step
-        z = zuko_step(torch, x, args.activation)
+        fns[f"torch-{threads}t"] = t_step
+        z = zuko_step(torch, x, activation)
         if z is not None:
-            fns["zuko-1t"] = z
-    times = alternate(fns, args.rounds, warmup=3, min_time=0.05, mirror=True)
+            fns[f"zuko-{threads}t"] = z
+    times = alternate(fns, rounds, warmup=3, min_time=0.05, mirror=True)
     ratios = ratios_of(times, "flowmath")
     result["rows"] = {
         name: {"median_ms": median_ms(ts), "fm_over": ratios.get(name, 1.0)}
         for name, ts in times.items()
     }
     print(
-        f"W9 RealNVP d=2, 8 couplings, MLP 1-64-64-2 ({args.activation}), batch 256, float64: "
+        f"W9 RealNVP d=2, 8 couplings, MLP 1-64-64-2 ({activation}), batch 256, float64: "
         "loss + gradient"
     )
     print(f"  {'row':<12s} {'median ms':>10s} {'flowmath / row':>15s}")
@@ -186,6 +192,23 @@ def main(argv=None) -> dict:
     if "loss_rel_diff_vs_torch" in result:
         print(f"  loss flowmath vs torch twin: rel. diff {result['loss_rel_diff_vs_torch']:.1e}")
     return result
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {"W9": w9}
+
+
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_train [--rounds N] [--threads N] [--json PATH]
+    [--activation tanh|relu]``: the shared command line of ``experiments/_timing.py``."""
+    return bench_main(
+        argv,
+        doc=__doc__,
+        workloads=WORKLOADS,
+        rounds=15,
+        threads=int(os.environ.get("FLOWMATH_BENCH_THREADS", "1")),
+        options=[(("--activation",), {"choices": ["tanh", "relu"], "default": "tanh"})],
+    )
 
 
 if __name__ == "__main__":
