@@ -10,12 +10,11 @@
 
 Reported: the median per-round ratio checked / trusted (1.00 = invisible), both medians, and the
 check alone (``Chain._check_params`` on the same parameters) as a share of the step.
-Run: ``python -m experiments.bench_param_check [--rounds N]``.
+Run: ``python -m experiments.bench_param_check [--rounds N] [--only W5 W9] [--threads N]
+[--json PATH]`` (the command line of every benchmark, ``experiments/_timing.py``).
 """
 
 from __future__ import annotations
-
-import argparse
 
 import autograd
 import autograd.numpy as anp
@@ -24,7 +23,14 @@ import numpy as np
 import flowmath as fm
 from flowmath.layers.base import trusted_params
 
-from ._timing import alternate, blas_threads, median_ms, median_ratio, warm_allocator
+from ._timing import (
+    alternate,
+    bench_main,
+    blas_threads,
+    median_ms,
+    median_ratio,
+    warm_allocator,
+)
 
 
 def _step(d, hidden, dtype, activation, seed=0):
@@ -61,14 +67,16 @@ def _step(d, hidden, dtype, activation, seed=0):
     return checked, trusted, check_alone
 
 
-def run(rounds: int = 15) -> dict:
-    blas_threads(2)
-    warm_allocator()
-    out = {}
-    for name, (d, hidden, dtype, act, min_time) in {
-        "W5": (784, (512, 512), np.float32, "relu", None),
-        "W9": (2, (64, 64), np.float64, "tanh", 0.05),
-    }.items():
+_WORKLOADS = {
+    "W5": (784, (512, 512), np.float32, "relu", None),
+    "W9": (2, (64, 64), np.float64, "tanh", 0.05),
+}
+
+
+def _workload(name: str):
+    d, hidden, dtype, act, min_time = _WORKLOADS[name]
+
+    def run(rounds: int = 15, threads: int = 2) -> dict:
         checked, trusted, check_alone = _step(d, hidden, dtype, act)
         times = alternate(
             {"checked": checked, "trusted": trusted, "check alone": check_alone},
@@ -77,26 +85,39 @@ def run(rounds: int = 15) -> dict:
             min_time=min_time,
             mirror=True,
         )
-        out[name] = {
+        r = {
             "checked_ms": median_ms(times["checked"]),
             "trusted_ms": median_ms(times["trusted"]),
             "ratio": median_ratio(times["checked"], times["trusted"]),
             "check_ms": median_ms(times["check alone"]),
             "check_share": median_ratio(times["check alone"], times["trusted"]),
         }
-    return out
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args(argv)
-    for name, r in run(args.rounds).items():
         print(
             f"{name}: with the parameter check {r['checked_ms']:.2f} ms, without "
             f"{r['trusted_ms']:.2f} ms, median ratio {r['ratio']:.3f}; the check alone "
             f"{r['check_ms']:.3f} ms ({100 * r['check_share']:.2f} % of the step)"
         )
+        return r
+
+    run.__doc__ = f"{name}: the step with and without the parameter check (d = {d}, {act})."
+    return run
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {name: _workload(name) for name in _WORKLOADS}
+
+
+def run(rounds: int = 15) -> dict:
+    """Both workloads with 2 BLAS threads: ``{id: {checked_ms, trusted_ms, ratio, ...}}``."""
+    blas_threads(2)
+    warm_allocator()
+    return {name: fn(rounds, 2) for name, fn in WORKLOADS.items()}
+
+
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_param_check [--rounds N] [--only W5 W9] [--threads N]
+    [--json PATH]``: the shared command line of ``experiments/_timing.py``."""
+    return bench_main(argv, doc=__doc__, workloads=WORKLOADS, rounds=15, threads=2)
 
 
 if __name__ == "__main__":
