@@ -9,17 +9,17 @@ per-round ratio parallel / serial. The results are also checked to be identical.
 whose two cores are busy with other work the parallel speed-up shrinks towards 1: the ratio is
 only meaningful beside the load printed with it.
 
-Run: ``python -m experiments.bench_sweep [--rounds N] [--steps N]``.
+Run: ``python -m experiments.bench_sweep [--rounds N] [--steps N] [--json PATH]`` (the command
+line of every benchmark, ``experiments/_timing.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 from experiments import _sweep
-from experiments._timing import median_ratio
+from experiments._timing import bench_main, median_ratio
 from experiments.bits_per_dim import train_one
 
 
@@ -40,14 +40,11 @@ def _strip(results):
     return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in results]
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=150)
-    args = parser.parse_args(argv)
+def sweep(rounds: int = 2, threads: int = 1, steps: int = 150) -> dict:
+    """The bits/dim sweep (3 models x 2 seeds): serial, 2 Dask workers, 2 local processes."""
     from distributed import Client, LocalCluster
 
-    runs = _runs(args.steps)
+    runs = _runs(steps)
     start = time.perf_counter()
     cluster = LocalCluster(
         n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
@@ -57,7 +54,7 @@ def main(argv=None) -> dict:
     times = {"serial": [], "dask_2_workers": [], "processes_2": []}
     reference = None
     try:
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name in times:
                 t0 = time.perf_counter()
                 if name == "serial":
@@ -76,7 +73,7 @@ def main(argv=None) -> dict:
         cluster.close()
     report = {
         "runs": len(runs),
-        "steps": args.steps,
+        "steps": steps,
         "cluster_startup_s": startup,
         "seconds": times,
         "ratio_dask_over_serial": median_ratio(times["dask_2_workers"], times["serial"]),
@@ -86,6 +83,23 @@ def main(argv=None) -> dict:
     for key, value in report.items():
         print(f"{key:>28s}: {value}")
     return report
+
+
+#: The workloads of this benchmark (``--only`` picks from these ids).
+WORKLOADS = {"sweep": sweep}
+
+
+def main(argv=None) -> dict:
+    """``python -m experiments.bench_sweep [--rounds N] [--steps N] [--json PATH]``: the shared
+    command line of ``experiments/_timing.py`` (the workers use one BLAS thread each)."""
+    return bench_main(
+        argv,
+        doc=__doc__,
+        workloads=WORKLOADS,
+        rounds=2,
+        threads=1,
+        options=[(("--steps",), {"type": int, "default": 150, "help": "steps per run"})],
+    )
 
 
 if __name__ == "__main__":
