@@ -47,6 +47,7 @@ import numpy as np
 from .._checks import check_choice, check_int, check_rng
 from .._xp import array_namespace, getval
 from ..kernels import cnf_mlp1 as _mlp1
+from ..kernels.cnf_tanh import USE_KERNEL as _TANH_KERNEL
 from ..kernels.cnf_tanh import tanh as _fast_tanh
 from ..kernels.cnf_tanh import tanh_derivs as _tanh_derivs
 
@@ -58,8 +59,10 @@ ACTIVATIONS = ("tanh", "softplus")
 #: One-hidden-layer tanh fields on states of at most this dimension run the fused row-wise
 #: kernels of :mod:`flowmath.kernels.cnf_mlp1` (NumPy float64 only); above it the skinny
 #: matrix products stop being skinny and BLAS wins. 0 switches the kernels off (the tests
-#: compare both paths).
-FUSED_MAX_DIM = 16
+#: compare both paths). The kernels evaluate tanh by a scalar ``exp`` per value, so where NumPy
+#: has a SIMD tanh (``flowmath.kernels.cnf_tanh.USE_KERNEL`` false) BLAS plus ``numpy.tanh`` is
+#: faster at every dimension and the default is 0.
+FUSED_MAX_DIM = 16 if _TANH_KERNEL else 0
 
 
 def _fusable(field, y2d, params) -> bool:
