@@ -3,7 +3,18 @@
 Public names only; see ``docs/design.rst`` (the public contract) for the contract.
 """
 
-from . import data, dequantize, estimators, lipschitz, models, nets, ode, testing, train
+from . import (
+    activations,
+    data,
+    dequantize,
+    estimators,
+    lipschitz,
+    models,
+    nets,
+    ode,
+    testing,
+    train,
+)
 from .distributions import Flow, StandardLogistic, StandardNormal
 from .layers import (
     CNF,
@@ -63,6 +74,7 @@ __all__ = [
     "StandardLogistic",
     "StandardNormal",
     "TriangularLinear",
+    "activations",
     "data",
     "dequantize",
     "estimators",

@@ -24,8 +24,9 @@ This module holds:
 * :func:`certified_spectral_norm` — upper bounds: ``"gram"`` (tight, verified by a Cholesky
   certificate with explicit rounding-error terms), ``"norm1inf"``
   :math:`\\sqrt{\\|W\\|_1 \\|W\\|_\\infty}` and ``"frobenius"`` (cheap and loose);
-* activations with Lipschitz constant at most one: :func:`elu` (``alpha <= 1``) and
-  :func:`lipswish`, with their derivatives, collected in :data:`ACTIVATIONS`.
+* :data:`ACTIVATIONS`, the activations the residual blocks accept (:func:`elu`,
+  :func:`lipswish`, Lipschitz constant 1), with their derivatives; they are defined, with every
+  other activation, in :mod:`flowmath.activations`.
 
 Backends: :func:`spectral_normalize` and the activations run on NumPy, autograd tracers and
 CuPy; the certified bounds and :func:`spectral_norm` run on the host (NumPy / LAPACK).
@@ -49,8 +50,10 @@ import math
 import numpy as np
 from autograd.extend import defvjp, primitive
 
+from . import activations as _act
 from ._checks import check_choice, check_int, check_positive
 from ._xp import array_namespace, getval, to_numpy
+from .activations import LIPSWISH_SCALE, elu, elu_derivative, lipswish, lipswish_derivative
 
 __all__ = [
     "ACTIVATIONS",
@@ -368,52 +371,15 @@ def cached_certified_spectral_norm(W, method: str = "gram") -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# activations with Lipschitz constant <= 1
+# activations with Lipschitz constant <= 1: defined in flowmath.activations, named here too
 # ---------------------------------------------------------------------------------------------
-#: LipSwish's divisor: max_z d/dz [z sigmoid(z)] = 1.0998... < 1.1 (Chen et al. 2019).
-LIPSWISH_SCALE = 1.1
-
-
-def elu(x, alpha: float = 1.0):
-    """ELU, :math:`\\phi(x) = x` for ``x > 0`` and :math:`\\alpha(e^x - 1)` otherwise;
-    Lipschitz constant :math:`\\max(1, \\alpha)` (1 for the default)."""
-    xp = array_namespace(x)
-    neg = xp.minimum(x, 0.0)  # keep exp away from large positive inputs
-    return xp.where(x > 0, x, alpha * xp.expm1(neg))
-
-
-def elu_derivative(x, alpha: float = 1.0):
-    """:math:`\\phi'(x) = 1` for ``x > 0`` and :math:`\\alpha e^x` otherwise."""
-    xp = array_namespace(x)
-    return xp.where(x > 0, 1.0, alpha * xp.exp(xp.minimum(x, 0.0)))
-
-
-def _sigmoid(xp, z):
-    # 0.5 (1 + tanh(z/2)): stable for all z, no overflow warning
-    return 0.5 * (1.0 + xp.tanh(0.5 * z))
-
-
-def lipswish(x, beta: float = 1.0):
-    """LipSwish (Chen et al. 2019), :math:`\\phi(x) = x\\,\\sigma(\\beta x) / 1.1`.
-
-    Its derivative :math:`[\\sigma(z) + z\\sigma(z)(1 - \\sigma(z))]/1.1` with
-    :math:`z = \\beta x` lies in :math:`[-0.0909, 0.99985]` for every :math:`\\beta > 0`
-    (the maximum of :math:`\\sigma(z)(1 + z(1-\\sigma(z)))` is 1.09984 at :math:`z \\approx
-    2.40`), so :math:`\\mathrm{Lip}(\\phi) \\le 1`.
-    """
-    xp = array_namespace(x)
-    return x * _sigmoid(xp, beta * x) / LIPSWISH_SCALE
-
-
-def lipswish_derivative(x, beta: float = 1.0):
-    """:math:`\\phi'(x) = [s + \\beta x s (1 - s)] / 1.1`, :math:`s = \\sigma(\\beta x)`."""
-    xp = array_namespace(x)
-    s = _sigmoid(xp, beta * x)
-    return (s + beta * x * s * (1.0 - s)) / LIPSWISH_SCALE
-
-
-#: name -> (phi, phi', Lipschitz constant of phi)
+#: name -> (phi, phi', Lipschitz bound) of the activations :class:`flowmath.IResBlock` accepts
+#: (entries of :data:`flowmath.activations.ACTIVATIONS`).
 ACTIVATIONS = {
-    "elu": (elu, elu_derivative, 1.0),
-    "lipswish": (lipswish, lipswish_derivative, 1.0),
+    name: (
+        _act.ACTIVATIONS[name].fn,
+        _act.ACTIVATIONS[name].derivative,
+        _act.ACTIVATIONS[name].lipschitz,
+    )
+    for name in ("elu", "lipswish")
 }

@@ -49,6 +49,7 @@ from ._pytree import leaves as _leaves
 from ._pytree import structure as _structure
 from ._pytree import unflatten as _unflatten
 from ._xp import getval
+from .activations import relu, tanh  # the hidden activations (flowmath.activations)
 
 __all__ = [
     "conv2d",
@@ -62,24 +63,6 @@ __all__ = [
     "tanh",
     "unpack",
 ]
-
-
-def relu(x):
-    """``max(x, 0)`` written as ``x * (x > 0)``: its VJP is one multiplication by a mask."""
-    return x * (x > 0)
-
-
-@primitive
-def tanh(x):
-    """``tanh(x)`` whose derivative is taken from the output, :math:`1 - \\tanh^2 x`.
-
-    autograd's own VJP, ``g / cosh(x)**2``, overflows (a warning, and 0 * inf hazards) once
-    ``|x| > 89`` in float32 and costs a ``cosh``; this one is bounded and cheaper.
-    """
-    return np.tanh(x)
-
-
-defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
 
 
 @primitive

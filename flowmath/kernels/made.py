@@ -37,7 +37,7 @@ import autograd.numpy as anp
 import numba
 import numpy as np
 
-from .. import nets
+from .. import activations, nets
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,7 +48,9 @@ __all__ = [
     "made_masks",
 ]
 
-ACTIVATIONS = {"relu": 0, "tanh": 1}
+#: The activations the sequential kernel implements: name -> its code in
+#: :data:`flowmath.activations.ACTIVATIONS` (the kernel's ``act == 0`` branch is relu, else tanh).
+ACTIVATIONS = {name: activations.ACTIVATIONS[name].code for name in ("relu", "tanh")}
 MAF_INVERSE, IAF_FORWARD = 0, 1
 
 
@@ -91,7 +93,7 @@ def made_masks(perm: np.ndarray, hidden, seed: int | None = None) -> list[np.nda
 
 def made_apply(net, masks, x, activation: str):
     """``[mu, r]`` of shape ``(n, d)`` each: the masked MLP ``h <- act(h (W * M) + b)``."""
-    act = nets.relu if activation == "relu" else nets.tanh
+    act = activations.ACTIVATIONS[activation].fn
     h = x
     last = len(masks) - 1
     for k, mask in enumerate(masks):

@@ -36,6 +36,7 @@ import numpy as np
 from .. import nets
 from .._checks import Leaf, check_bool, check_choice, check_hidden, check_int, check_permutation
 from .._xp import getval, is_box, leaves
+from ..activations import check_activation
 from ..kernels import made
 from .base import VECTOR, Bijection
 
@@ -68,7 +69,7 @@ class _Autoregressive(Bijection):
         else:
             self.order = check_permutation(order, "order", ORDERS)
         self.seed = check_int(seed, "seed", minimum=0)
-        self.activation = check_choice(activation, "activation", tuple(made.ACTIVATIONS))
+        self.activation = check_activation(activation, "activation", tuple(made.ACTIVATIONS))
         self.identity_init = check_bool(identity_init, "identity_init")
 
     # -- structure ----------------------------------------------------------------------------

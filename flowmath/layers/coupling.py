@@ -64,6 +64,8 @@ from autograd.extend import defvjp, primitive
 from .. import nets
 from .._checks import Leaf, _shape_str, check_bool, check_choice, check_hidden
 from .._xp import getval, is_box, leaves
+from ..activations import ACTIVATIONS as ACTIVATION_TABLE
+from ..activations import check_activation
 from ..kernels.conv_cm import convnet_apply_cm
 from ..kernels.coupling_mlp import ACTIVATIONS, affine_coupling
 from .base import ANY, Bijection, sum_except_batch
@@ -219,7 +221,7 @@ class _Coupling(Bijection):
         self.hidden = check_hidden(hidden)
         self.flip = check_bool(flip, "flip")
         self.identity_init = check_bool(identity_init, "identity_init")
-        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.activation = check_activation(activation, "activation", ACTIVATIONS)
 
     # -- mask resolution ----------------------------------------------------------------------
     def _partition(self, event_shape) -> _Partition:
@@ -299,7 +301,7 @@ class _Coupling(Bijection):
         return net, (leaves[n] if self._m == 2 else None)
 
     def _conditioner(self, net, part, xa):
-        act = nets.relu if self.activation == "relu" else nets.tanh
+        act = ACTIVATION_TABLE[self.activation].fn
         if part.image:  # every convolution one GEMM over the batch and the pixels
             return convnet_apply_cm(net, xa, self.activation)
         return nets._feedforward(net, xa, nets._dense, act)

@@ -48,11 +48,15 @@ from .._checks import (
     check_probability,
 )
 from .._xp import array_namespace, getval, to_numpy
+from ..activations import ACTIVATIONS as _ACT
+from ..activations import check_activation
 from .base import VECTOR, Bijection, Leaf, _InputMismatch, cast_tree
 
 __all__ = ["FixedPointError", "FixedPointInfo", "IResBlock", "solve_fixed_point"]
 
 LOGDETS = ("exact", "series", "roulette")
+#: The activations of ``g`` (entries of :data:`flowmath.activations.ACTIVATIONS`, Lipschitz 1).
+ACTIVATIONS = tuple(lip.ACTIVATIONS)
 SPECTRAL = ("auto", "exact", "power")
 #: ``spectral="auto"`` uses the exact (SVD) norm for weights whose smaller side is at most this.
 AUTO_EXACT_MAX = 128
@@ -253,7 +257,7 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
 # ---------------------------------------------------------------------------------------------
 def _mlp(x, Ws, bs, act):
     """g(x) and the pre-activations of the hidden layers."""
-    phi = lip.ACTIVATIONS[act][0]
+    phi = _ACT[act].fn
     xp = array_namespace(x, Ws, bs)
     h = x
     pre = []
@@ -283,14 +287,14 @@ def _mlp_host(x, Ws, bs, act):
                 np.maximum(a, 0.0, out=a)
                 a += neg
             else:
-                a = lip.ACTIVATIONS[act][0](a)
+                a = _ACT[act].fn(a)
         h = a
     return h
 
 
 def _mlp_vjp(V, Ws, pre, act):
     """Rows :math:`v_i^\\top J_g(x_i)`: ``((V W_L) * phi'(a_{L-1})) W_{L-1} ... W_1``."""
-    dphi = lip.ACTIVATIONS[act][1]
+    dphi = _ACT[act].derivative
     xp = array_namespace(V, Ws, pre)
     h = xp.dot(V, Ws[-1])
     for W, a in zip(reversed(Ws[:-1]), reversed(pre), strict=True):
@@ -309,7 +313,7 @@ def _mlp_vjp_slopes(V, Ws, slopes):
 
 def _mlp_jacobian(Ws, pre, act):
     """Dense per-sample Jacobians of g, shape (n, d, d)."""
-    dphi = lip.ACTIVATIONS[act][1]
+    dphi = _ACT[act].derivative
     xp = array_namespace(Ws, pre)
     J = Ws[0]
     for W, a in zip(Ws[1:], pre, strict=True):
@@ -420,7 +424,7 @@ class IResBlock(Bijection):
     n_terms, n_probes : int
         Series terms and Hutchinson probes.
     activation : {"elu", "lipswish"}
-        :func:`flowmath.lipschitz.elu` or :func:`flowmath.lipschitz.lipswish` (Lipschitz 1).
+        :func:`flowmath.activations.elu` or :func:`flowmath.activations.lipswish` (Lipschitz 1).
     spectral : {"auto", "exact", "power"}
         How :math:`\\hat\\sigma` is obtained. ``"exact"``: :func:`flowmath.lipschitz.
         spectral_norm` (SVD; differentiable; no state). ``"power"``: ``n_power_iterations``
@@ -511,7 +515,7 @@ class IResBlock(Bijection):
         self.logdet = check_choice(logdet, "logdet", LOGDETS)
         self.n_terms = check_int(n_terms, "n_terms", minimum=1)
         self.n_probes = check_int(n_probes, "n_probes", minimum=1)
-        self.activation = check_choice(activation, "activation", tuple(lip.ACTIVATIONS))
+        self.activation = check_activation(activation, "activation", ACTIVATIONS)
         self.spectral = check_choice(spectral, "spectral", SPECTRAL)
         self.n_power_iterations = check_int(n_power_iterations, "n_power_iterations", minimum=1)
         self.probe = check_choice(probe, "probe", estimators.PROBES)
@@ -625,7 +629,7 @@ class IResBlock(Bijection):
         L = 1.0
         for W in Wn:
             L *= lip.cached_certified_spectral_norm(to_numpy(getval(W)))
-        L *= lip.ACTIVATIONS[self.activation][2] ** len(self.hidden)
+        L *= _ACT[self.activation].lipschitz ** len(self.hidden)
         return L * (1.0 + 8 * len(Wn) * np.finfo(np.float64).eps)
 
     def _require_contraction(self, L, what):
@@ -659,7 +663,7 @@ class IResBlock(Bijection):
             return estimators.exact_logdet(_mlp_jacobian(Wn, pre, self.activation))
 
         # phi'(a) once for all terms (not once per vjp call)
-        dphi = lip.ACTIVATIONS[self.activation][1]
+        dphi = _ACT[self.activation].derivative
         slopes = [dphi(a) for a in pre]
 
         def vjp(V):
