@@ -107,11 +107,11 @@ def _validate_t(t):
     t = t.astype(np.float64)
     if t.ndim != 1 or t.shape[0] < 1:
         raise ValueError(f"`t` must be a non-empty 1-D array of output times; got shape {t.shape}")
-    if not np.all(np.isfinite(t)):
+    if not np.isfinite(t).all():
         raise ValueError("`t` must be finite; got non-finite output times")
     if t.shape[0] > 1:
-        d = np.diff(t)
-        if not (np.all(d > 0) or np.all(d < 0) or np.all(d == 0)):
+        d = t[1:] - t[:-1]  # (ndarray methods: this runs once per solve, small t is the rule)
+        if not (d.min() > 0 or d.max() < 0 or not d.any()):
             raise ValueError(
                 "`t` must be strictly increasing or strictly decreasing (or all equal: "
                 f"t0 == t1 returns y0); got {t[:6].tolist()}{' ...' if t.shape[0] > 6 else ''}"
@@ -133,6 +133,8 @@ def _make_flat_fun(f, params, layout):
             if not checked:
                 _check_out(out, shape)
                 checked = True
+            if type(out) is np.ndarray and out.dtype == np.float64 and out.shape == shape:
+                return out.reshape(n)  # the usual case: the checks below pass as they are
             arr = np.asarray(out)
             # every call, not only the first: a shape change or a complex dy/dt for a real
             # state would otherwise be reshaped or truncated to its real part silently

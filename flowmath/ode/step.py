@@ -27,14 +27,22 @@ from .tableau import ButcherTableau
 __all__ = ["combine", "dense_point", "stage_plan", "stage_time", "stages", "traced_step"]
 
 
+# per tableau (by identity; the tableau is kept alive with its entry): the rows of A and c
+_ROWS: dict = {}
+
+
 def stage_plan(tab: ButcherTableau, K: np.ndarray):
     """What :func:`stages` reads for ``tab``, built once per integration: the rows
-    ``A[i, :i]`` (contiguous), the views ``K[:i]`` of the stage buffer ``K`` (shape ``(s, N)``)
-    and ``c`` as Python floats."""
+    ``A[i, :i]`` (contiguous; made once per tableau), the views ``K[:i]`` of the stage buffer
+    ``K`` (shape ``(s, N)``) and ``c`` as Python floats."""
     s = tab.n_stages
-    A_rows = [np.ascontiguousarray(tab.A[i, :i]) for i in range(s)]
-    K_rows = [K[:i] for i in range(s)]
-    return A_rows, K_rows, [float(ci) for ci in tab.c]
+    entry = _ROWS.get(id(tab))
+    if entry is None or entry[0] is not tab:
+        if len(_ROWS) >= 64:  # user tableaux made in a loop: keep the cache bounded
+            _ROWS.clear()
+        A_rows = [np.ascontiguousarray(tab.A[i, :i]) for i in range(s)]
+        entry = _ROWS[id(tab)] = (tab, A_rows, [float(ci) for ci in tab.c])
+    return entry[1], [K[:i] for i in range(s)], entry[2]
 
 
 def stage_time(t, ci, h, t_cap):
