@@ -47,6 +47,25 @@ with :math:`\\bar y_k = \\partial L / \\partial y(t_k)` and :math:`a(t_0) - \\ba
 adjoint of the later outputs pulled back to :math:`t_0` (for every adjoint: the continuous
 derivative, evaluated on the discrete solution; one evaluation of ``f`` per output time).
 
+Event times.  A located zero :math:`t_e` of an event function, :math:`g(t_e, y(t_e), \\theta)
+= 0`, moves with :math:`y_0`, :math:`\\theta` and :math:`t_0`; by the implicit function theorem
+
+.. math:: \\frac{dt_e}{d\\theta} = -\\frac{\\partial_y g \\cdot \\partial y(t_e)/\\partial\\theta
+    + \\partial_\\theta g}{\\partial_t g + \\partial_y g \\cdot f(t_e, y_e)}, \\qquad
+    \\frac{dy_e}{d\\theta} = \\frac{\\partial y(t_e)}{\\partial\\theta}
+    + f(t_e, y_e) \\frac{dt_e}{d\\theta}.
+
+Every located event (terminal or not) therefore enters the backward pass as one more output at
+the fixed time :math:`t_e` (backsolve restarts there, checkpoint and direct take it from the
+step's continuous extension), with the cotangent :math:`\\bar y_e - c\\, \\partial_y g`,
+:math:`c = (\\bar t_e + \\bar y_e \\cdot f_e) / \\dot g`, and :math:`-c\\, \\partial_\\theta g`
+added to the parameters' gradient (:func:`_event_time`, :func:`_event_state`; ``g``'s partial
+derivatives by one autograd reverse pass). So ``sol.t_events``, ``sol.y_events`` and the
+outputs before a terminal event are all differentiable, through every adjoint; a zero where
+:math:`\\dot g` vanishes (a tangential crossing, or a multiple zero of ``g``) raises
+``ValueError`` when its gradient is asked for, and an event function that closes over a traced
+variable raises ``TypeError`` (pass the variable through ``params``).
+
 The VJPs :math:`a^\\top \\partial f/\\partial y`, :math:`a^\\top \\partial f/\\partial \\theta` come
 from ``f.vjp(t, y, params, a) -> (dydt, a_y, a_params)`` when ``f`` provides it (the fused
 protocol), and from autograd's reverse pass otherwise (:func:`multi_vjp`, the generic path).
@@ -59,6 +78,8 @@ Zhuang et al. (2020), "Adaptive Checkpoint Adjoint Method for Gradient Estimatio
 arXiv:2006.02493.
 Kidger, Chen, Lyons (2021), "'Hey, that's not an ODE': Faster ODE Adjoints via Seminorms",
 arXiv:2009.09457.
+Chen, Amos, Nickel (2021), "Learning Neural Event Functions for Ordinary Differential
+Equations", ICLR 2021, arXiv:2011.03902 (event-time gradients by the implicit function theorem).
 """
 
 from __future__ import annotations
@@ -331,13 +352,92 @@ class _Context:
         self.ys_flat = None
 
     def forward(self):
-        self.result = self.opts.run(
+        """The untraced solve; returns the stacked states of the *augmented outputs*: the output
+        times and, merged in time order, every located event (each a fixed-time output at its
+        time, through which the adjoints pull the event's cotangent back; the event time's own
+        dependence comes from :func:`_event_time`)."""
+        res = self.result = self.opts.run(
             self.fun, self.t, self.y0flat, trace=self.trace, events=self.events
         )
-        n_out = self.result.n_out
-        self.ys_flat = self.result.ys[:n_out]
-        self.t = self.t[:n_out]
+        n_out = res.n_out
+        ys, t = res.ys[:n_out], self.t[:n_out]
+        self.real_idx = np.arange(n_out)
+        self.event_rows = []  # (aug. index, event j, t_e, flat y_e, where) per located event
+        found = [(j, m) for j in range(len(res.t_events)) for m in range(len(res.t_events[j]))]
+        if not found:
+            self.ys_flat, self.t = ys, t
+            return self.ys_flat
+        direction = 1.0 if self.t[-1] >= self.t[0] else -1.0
+        items = [(direction * t[k], 0, k) for k in range(n_out)]
+        items += [(direction * res.t_events[j][m], 1, (j, m)) for j, m in found]
+        items.sort(key=lambda it: (it[0], it[1]))
+        pos = {}
+        aug_t, aug_y = [], []
+        for i, (_, kind, key) in enumerate(items):
+            pos[kind, key] = i
+            if kind == 0:
+                aug_t.append(t[key])
+                aug_y.append(ys[key])
+            else:
+                j, m = key
+                aug_t.append(res.t_events[j][m])
+                aug_y.append(res.y_events[j][m])
+                self.event_rows.append((i, j, res.t_events[j][m], aug_y[-1], res.event_where[j][m]))
+        self.real_idx = np.array([pos[0, k] for k in range(n_out)], dtype=int)
+        tr = self.trace
+        if tr is not None:  # the output maps of the steps, in augmented indices
+            node_out = {n: [pos[0, k] for k in ks] for n, ks in tr.node_out.items()}
+            dense_out = {n: [(pos[0, k], th) for k, th in v] for n, v in tr.dense_out.items()}
+            for i, _, _, _, (node, theta, _, _) in self.event_rows:
+                if theta == 1.0:
+                    node_out.setdefault(node + 1, []).append(i)
+                else:
+                    dense_out.setdefault(node, []).append((i, theta))
+            tr.node_out, tr.dense_out = node_out, dense_out
+        self.t = np.array(aug_t)
+        self.ys_flat = np.array(aug_y).reshape(len(aug_t), -1)
         return self.ys_flat
+
+    def event_partials(self, m):
+        """``(dt_e/dy_e at fixed t, dt_e/dtheta leaves, f(t_e, y_e))`` of the ``m``-th located
+        event by the implicit function theorem on ``g(t_e, y(t_e), theta) = 0``:
+
+        .. math:: \\dot g = \\partial_t g + \\partial_y g \\cdot f(t_e, y_e), \\qquad
+            \\frac{dt_e}{dy} = -\\frac{\\partial_y g}{\\dot g}, \\qquad
+            \\frac{dt_e}{d\\theta} = -\\frac{\\partial_\\theta g}{\\dot g}.
+
+        Raises ``ValueError`` where ``dg/dt`` along the solution vanishes at the zero (relative
+        to the change of ``g`` over the step that contains it): a tangential crossing, where
+        ``t_e`` is not differentiable, or a multiple zero of ``g``."""
+        _, j, te, ye, (_, _, h, dg) = self.event_rows[m]
+        ev = self.events[j]
+        layout, leaves_raw, rebuild = self.layout, self.leaves_raw, self.rebuild
+        diff_idx = [i for i, leaf in enumerate(leaves_raw) if _differentiable(leaf)]
+
+        def gfun(tt, yy, *dl):
+            leaves = list(leaves_raw)
+            for i, v in zip(diff_idx, dl, strict=True):
+                leaves[i] = v
+            return ev.fn(tt, layout.unflat_state_traced(yy), rebuild(leaves))
+
+        vjp_fn, _ = multi_vjp(gfun, [float(te), ye] + [leaves_raw[i] for i in diff_idx])
+        g_t, g_y, *g_d = vjp_fn(1.0)
+        g_y = _flat(g_y)
+        f_e = self.fun(float(te), ye)
+        self.backward_stats.nfe += 1
+        rate = float(g_t) + float(g_y @ f_e)
+        if not (np.isfinite(rate) and abs(rate) * abs(h) > 1e-6 * dg):
+            raise ValueError(
+                f"the time of event {j} at t={float(te)!r} is not differentiable: dg/dt along the "
+                f"solution is {rate!r} there (against a change {dg:.3g} of g over the step of "
+                f"{h:.3g}): a tangential crossing or a multiple zero of `events`' function; "
+                "differentiate only quantities before the event, or use a function with a simple "
+                "zero"
+            )
+        g_leaves = [None] * len(leaves_raw)
+        for i, gd in zip(diff_idx, g_d, strict=True):
+            g_leaves[i] = gd
+        return -g_y / rate, [None if x is None else -x / rate for x in g_leaves], f_e
 
     @property
     def counts(self):
@@ -358,15 +458,14 @@ class _Context:
     def time_gradient(self, g, a_later0):
         """``dL/dt_k``: ``g_k . f(t_k, y_k)`` for ``k >= 1`` and ``-a_later0 . f(t_0, y_0)``
         (``a_later0``: the adjoint at ``t_0`` of the outputs after it); shape of the full ``t``."""
-        n_out = self.ys_flat.shape[0]
         out = np.zeros(self.t_full_size)
-        for k in range(n_out):
+        for k, i in enumerate(self.real_idx):  # the event rows move with t_e, not with t
             if k == 0:
                 if not np.any(a_later0):
                     continue
                 out[0] = -float(a_later0 @ self.fun(float(self.t[0]), self.ys_flat[0]))
-            elif np.any(g[k]):
-                out[k] = float(g[k] @ self.fun(float(self.t[k]), self.ys_flat[k]))
+            elif np.any(g[i]):
+                out[k] = float(g[i] @ self.fun(float(self.t[i]), self.ys_flat[i]))
         return out
 
     def backward(self, g, argnums):
@@ -602,9 +701,9 @@ def _outputs_vjp_t(ans, ys, t, ctx):
     def vjp(g):
         g = np.asarray(g).reshape(ctx.ys_flat.shape[0], -1)
         out = np.zeros(np.shape(t))
-        for k in range(1, g.shape[0]):
-            if np.any(g[k]):
-                out[k] = float(g[k] @ ctx.fun(float(ctx.t[k]), ctx.ys_flat[k]))
+        for k, i in enumerate(ctx.real_idx):
+            if k and np.any(g[i]):
+                out[k] = float(g[i] @ ctx.fun(float(ctx.t[i]), ctx.ys_flat[i]))
         return out
 
     return vjp
@@ -661,9 +760,70 @@ def _direct(ctx, f_flat, t_arg, y0flat, leaves):
     return _mark_backward(ys, ctx)
 
 
+@primitive
+def _event_time(y_e, *leaves, ctx, m):
+    """The time of the ``m``-th located event as a function of its state ``y_e`` (an output at
+    that fixed time) and of the parameters; its VJP is the implicit function theorem
+    (:meth:`_Context.event_partials`)."""
+    return float(ctx.event_rows[m][2])
+
+
+def _event_time_vjpmaker(argnums, ans, args, kwargs):
+    ctx, m = kwargs["ctx"], kwargs["m"]
+    if any(is_box(a) for a in args):
+        raise NotImplementedError(
+            "second derivatives of event times are not supported (their implicit-function VJP "
+            "is plain NumPy)"
+        )
+    dt_dy, dt_dleaves, _ = ctx.event_partials(m)
+
+    def vjp(g):
+        g = float(g)
+        out = []
+        for i in argnums:
+            if i == 0:
+                out.append(g * dt_dy)
+            else:
+                d = dt_dleaves[i - 1]
+                leaf = args[i]
+                if d is None:
+                    out.append(vspace(leaf).zeros())
+                elif isinstance(leaf, np.ndarray):
+                    out.append((g * np.asarray(d)).reshape(leaf.shape).astype(leaf.dtype))
+                else:
+                    out.append(float(g * d))
+        return tuple(out)
+
+    return vjp
+
+
+defvjp_argnums(_event_time, _event_time_vjpmaker)
+
+
+@primitive
+def _event_state(y_e, t_e, ctx, m):
+    """Identity in ``y_e``: the event's state ``y(t_e)``; its VJP in ``t_e`` is
+    ``g . f(t_e, y_e)`` (the state moves with the event time)."""
+    return y_e
+
+
+def _event_state_vjp_t(ans, y_e, t_e, ctx, m):
+    def vjp(g):
+        _, _, te, ye, _ = ctx.event_rows[m]
+        ctx.backward_stats.nfe += 1
+        return float(_flat(g) @ ctx.fun(float(te), ye))
+
+    return vjp
+
+
+defvjp(_event_state, lambda ans, y_e, t_e, ctx, m: lambda g: g, _event_state_vjp_t)
+
+
 def differentiable_solve(f, fun, layout, y0, t_arg, t, leaves, rebuild, opts, backward, stats, ev):
     """The autograd-aware solve: returns ``(ys_flat, ctx)`` with ``ys_flat`` a box of shape
-    ``(n_out, N)``."""
+    ``(n_out, N)``; ``ctx.t_events`` / ``ctx.y_events`` (per event function: the traced times
+    and the traced flat states, ``None`` when none was found) are differentiable by the implicit
+    function theorem."""
     leaves_raw = [getval(leaf) for leaf in leaves]
     y0flat = layout.flat_traced(y0)
     ctx = _Context(
@@ -677,9 +837,23 @@ def differentiable_solve(f, fun, layout, y0, t_arg, t, leaves, rebuild, opts, ba
         def f_flat(tt, yflat, params):
             return layout.flat_traced(f(tt, layout.unflat_state_traced(yflat), params))
 
-        ys = _direct(ctx, f_flat, t_arg, y0flat, leaves)
+        aug = _direct(ctx, f_flat, t_arg, y0flat, leaves)
     else:
-        ys = _ode_primitive(t_arg, y0flat, *leaves, ctx=ctx)
+        aug = _ode_primitive(t_arg, y0flat, *leaves, ctx=ctx)
+    if not ctx.event_rows:
+        return aug, ctx
+    ys = aug[ctx.real_idx]
+    times = [[] for _ in ev]
+    states = [[] for _ in ev]
+    for m, (i, j, _, _, _) in enumerate(ctx.event_rows):
+        y_e = aug[i]
+        t_e = _event_time(y_e, *leaves, ctx=ctx, m=m)
+        times[j].append(t_e)
+        states[j].append(_event_state(y_e, t_e, ctx=ctx, m=m))
+    import autograd.numpy as anp
+
+    ctx.t_events = [anp.array(x) if x else None for x in times]
+    ctx.y_events = [anp.stack(x) if x else None for x in states]
     return ys, ctx
 
 

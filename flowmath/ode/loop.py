@@ -114,6 +114,7 @@ class LoopResult:
     t_events: list
     y_events: list
     terminated: bool = False
+    event_where: list = field(default_factory=list)
 
 
 def _record(trace, kind, key, value):
@@ -145,11 +146,13 @@ class _Events:
         self.g = np.array([ev(t0, y0) for ev in events], dtype=np.float64)
         self.t_found = [[] for _ in events]
         self.y_found = [[] for _ in events]
+        # per event found: (index of its step, theta in the step, h, |g(t_new) - g(t)|)
+        self.where = [[] for _ in events]
         self.n_terminal = [0 for _ in events]
 
-    def check(self, t, h, y, y_new, t_new, interp):
-        """Events in the step ``[t, t_new]``; returns the time and state of the first terminal
-        event (or ``None``)."""
+    def check(self, t, h, y, y_new, t_new, interp, node):
+        """Events in the step ``[t, t_new]`` (the ``node``-th accepted step); returns the time
+        and state of the first terminal event (or ``None``)."""
         from scipy.optimize import brentq
 
         g_new = np.array([ev(t_new, y_new) for ev in self.events], dtype=np.float64)
@@ -172,14 +175,15 @@ class _Events:
 
                 xtol = max(ev.xtol / abs(h), 4 * np.finfo(float).eps)
                 theta = brentq(gth, 0.0, 1.0, xtol=xtol, rtol=4 * np.finfo(float).eps)
-            hits.append((theta, j))
+            hits.append((theta, j, abs(g1 - g0)))
         self.g = g_new
         stop = None
-        for theta, j in sorted(hits):
+        for theta, j, dg in sorted(hits):
             te = t_new if theta == 1.0 else t + theta * h
             ye = y_new if theta == 1.0 else interp(theta)
             self.t_found[j].append(te)
             self.y_found[j].append(ye)
+            self.where[j].append((node, theta, float(h), dg))
             ev = self.events[j]
             if ev.terminal:
                 self.n_terminal[j] += 1
@@ -281,6 +285,7 @@ def run(
     if ev is not None:
         res.t_events = [np.array(x) for x in ev.t_found]
         res.y_events = [np.array(x).reshape(len(x), n) for x in ev.y_found]
+        res.event_where = ev.where
     if k < T:  # a solve ran: report it to flowmath.testing.count_iterations
         _counters.record(ode_solves=1, ode_steps=counts.n_steps, ode_nfe=counts.nfe)
     return res
@@ -373,7 +378,7 @@ def _fixed(fun, t_out, y0, tab, step_size, max_steps, jump_t, ev, trace, res, wh
                 f_new = fun(t_new, y_new)
                 counts.nfe += 1
                 f_next = f_new
-                stop = ev.check(t, h, y, y_new, t_new, _interp(tab, t, y, h, K, y_new, f_new))
+                stop = ev.check(t, h, y, y_new, t_new, _interp(tab, t, y, h, K, y_new, f_new), node)
                 if stop is not None:
                     te, ye, theta = stop
                     _finish_terminal(tab, t_out, k_out, t, h, y, K, te, theta, node, trace, res)
@@ -542,7 +547,7 @@ def _adaptive(
                 fe = f_new if (f_new is not None and not at_jump) else fun(t_new, y_new)
                 if fe is not f_new:
                     counts.nfe += 1
-                stop = ev.check(t, h, y, y_new, t_new, _interp(tab, t, y, h, K, y_new, fe))
+                stop = ev.check(t, h, y, y_new, t_new, _interp(tab, t, y, h, K, y_new, fe), node)
             if stop is not None:
                 if trace is not None:
                     trace.steps.append((t, h, y, inputs, t_first, t_cap))

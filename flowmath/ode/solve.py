@@ -192,7 +192,14 @@ class _FlatEvent:
         self.terminal, self.direction, self.xtol = ev.terminal, ev.direction, ev.xtol
 
     def __call__(self, t, yflat):
-        return float(getval(self.fn(t, self.layout.unflat(yflat), self.params)))
+        out = self.fn(t, self.layout.unflat(yflat), self.params)
+        if is_box(out):
+            raise TypeError(
+                "an event function returned an autograd tracer: it closes over a variable being "
+                "differentiated; pass that variable through `params` so that the event time's "
+                "gradient includes it"
+            )
+        return float(out)
 
 
 _KEYWORD_DEFAULTS = dict(
@@ -318,7 +325,9 @@ def solve(
     events : callable, Event, or sequence of them, optional
         Event functions ``g(t, y, params)``; their zeros are located on the dense output and
         reported in ``t_events``, ``y_events``; a terminal one stops the solve (outputs after it
-        are dropped; ``status = 1``).  Event times are not differentiated.
+        are dropped; ``status = 1``).  Under autograd the located times and states are
+        differentiable (implicit function theorem, every adjoint; see
+        :mod:`flowmath.ode.adjoint`).
     dense_output : bool
         Keep the steps so that ``sol(t)`` evaluates the solution at any ``t`` after the solve.
     adjoint_rtol, adjoint_atol : float, optional
@@ -432,6 +441,11 @@ def solve(
     if evs:
         sol.t_events = res.t_events
         sol.y_events = [layout.cast(layout.unflat(ye, lead=(ye.shape[0],))) for ye in res.y_events]
+        if boxed and ctx.event_rows:  # traced: differentiable by the implicit function theorem
+            for j, (te, ye) in enumerate(zip(ctx.t_events, ctx.y_events, strict=True)):
+                if te is not None:
+                    sol.t_events[j] = te
+                    sol.y_events[j] = layout.unflat_traced(ye)
     if res.terminated:
         sol.status = 1
         sol.message = "A termination event occurred."
