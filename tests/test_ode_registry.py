@@ -65,6 +65,34 @@ def test_rk4_accuracy(name):
     assert np.abs(ys - p.exact(p.t, p.y0, p.params)).max() < 1e-8
 
 
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_fixed_step_without_step_size_steps_on_the_output_grid(method):
+    """No ``step_size``: one step per output interval (torchdiffeq's default grid, the output
+    times; documented in ``solve``), and forced boundaries add grid points. On y' = -k y one step
+    of length h multiplies y by the method's stability polynomial R(-k h), so the outputs are
+    the products of R over the intervals to rounding (measured at most 3 eps relative; bound
+    8 eps)."""
+    p = PROBLEMS["exponential"]
+    k = p.params
+
+    def R(z):
+        return 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24 if method == "rk4" else 1 + z
+
+    sol = fm.ode.solve(p.f, p.y0, p.t, k, method=method)
+    want = p.y0 * np.cumprod([1.0] + [R(-k * h) for h in np.diff(p.t)])[:, None]
+    np.testing.assert_allclose(sol.ys, want, rtol=8 * np.finfo(float).eps, atol=0)
+    assert sol.n_steps == len(p.t) - 1
+    grid = np.array([0.0, 0.3, 0.7, 2.0])  # jump_t = 0.3 splits the first interval
+    sol = fm.ode.solve(p.f, p.y0, p.t, k, method=method, jump_t=[0.3])
+    assert sol.n_steps == len(grid) - 1
+    np.testing.assert_allclose(
+        sol.ys[-1],
+        p.y0 * np.prod([R(-k * h) for h in np.diff(grid)]),
+        rtol=8 * np.finfo(float).eps,
+        atol=0,
+    )
+
+
 def test_user_tableau_is_adaptive():
     """Any ButcherTableau with an embedded pair runs adaptive; without dense output its outputs
     are step ends (exact to the tolerance) and sol(t) is the cubic Hermite interpolant."""
