@@ -271,6 +271,11 @@ class Bijection(ABC):
             raise ValueError(
                 f"`{name}` must hold at least one sample; got shape {_shape_str(raw.shape)}"
             )
+        if 0 in raw.shape[1:]:
+            raise ValueError(
+                f"`{name}` must have a non-empty event (every axis after the batch axis of size "
+                f"at least 1); got shape {_shape_str(raw.shape)}"
+            )
         if raw.dtype != dtype:
             x = x.astype(dtype)
         return x
