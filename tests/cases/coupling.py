@@ -29,6 +29,13 @@ for _name, _cls in (("Affine", fm.AffineCoupling), ("Additive", fm.AdditiveCoupl
             (1, 4, 4),
         ),
         Case(f"{_name}Coupling-array-img", lambda c=_cls: c(_IMASK, hidden=_H), (2, 4, 4)),
+        # h != w (and odd): height and width must not be interchangeable anywhere
+        Case(
+            f"{_name}Coupling-checkerboard-img-3x4",
+            lambda c=_cls: c("checkerboard", hidden=_H),
+            (2, 3, 4),
+        ),
+        Case(f"{_name}Coupling-channel-img-2x3", lambda c=_cls: c("channel", hidden=_H), (2, 2, 3)),
     ]
 # the default constructor must give a working layer (DESIGN 2.1)
 CASES.append(Case("AffineCoupling-default", fm.AffineCoupling, (6,)))
