@@ -75,8 +75,13 @@ def structure(tree):
     if isinstance(tree, dict):
         return {key: structure(tree[key]) for key in sorted(tree)}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(structure(item) for item in tree)
+        return _sequence(type(tree), [structure(item) for item in tree])
     return None if tree is None else LEAF
+
+
+def _sequence(kind, items):
+    """A list / tuple of ``kind`` from ``items`` (a named tuple takes them positionally)."""
+    return kind(items) if kind in (list, tuple) else kind(*items)
 
 
 def _open_box(tree):
@@ -86,7 +91,7 @@ def _open_box(tree):
         raw = getval(tree)
         if isinstance(raw, dict):
             return {key: tree[key] for key in raw}
-        return type(raw)(tree[i] for i in range(len(raw)))
+        return _sequence(type(raw), [tree[i] for i in range(len(raw))])
     return tree
 
 
@@ -104,7 +109,7 @@ def flatten(tree) -> tuple[list, object]:
         }
     if isinstance(tree, (list, tuple)):
         parts = [flatten(item) for item in tree]
-        return [leaf for p in parts for leaf in p[0]], type(tree)(p[1] for p in parts)
+        return [leaf for p in parts for leaf in p[0]], _sequence(type(tree), [p[1] for p in parts])
     if tree is None:
         return [], None
     return [tree], LEAF
@@ -137,7 +142,7 @@ def _fill(struct, leaves_, pos):
         for item in struct:
             value, pos = _fill(item, leaves_, pos)
             items.append(value)
-        return type(struct)(items), pos
+        return _sequence(type(struct), items), pos
     return None, pos
 
 
@@ -148,7 +153,7 @@ def tree_map(fn, *trees):
     if isinstance(first, dict):
         return {key: tree_map(fn, *(t[key] for t in trees)) for key in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(tree_map(fn, *items) for items in zip(*trees, strict=True))
+        return _sequence(type(first), [tree_map(fn, *items) for items in zip(*trees, strict=True)])
     if first is None:
         return None
     return fn(*trees)

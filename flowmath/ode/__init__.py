@@ -15,7 +15,8 @@ methods as data) -> ``step`` (one step, pure, and its differentiable twin) -> ``
 (error norm, step factor, first step) -> ``loop`` (the driver: counts, outputs, forced
 boundaries, events, messages) -> ``adjoint`` (the gradient strategies) -> ``options``
 (:class:`SolverOptions`, :class:`Event`: validation) -> ``solve`` (the entry points).
-``_tree`` (pytrees), ``solution`` (result objects) and ``dynamics`` (the built-in fields)
+``_layout`` (state pytrees as flat vectors; the pytree functions are
+:mod:`flowmath._pytree`'s), ``solution`` (result objects) and ``dynamics`` (the built-in fields)
 import none of the others.
 
 Dynamics may provide a fused vector-Jacobian product ``f.vjp(t, y, params, a) -> (dydt, a^T

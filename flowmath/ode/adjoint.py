@@ -92,7 +92,7 @@ from autograd.extend import defvjp, defvjp_argnums, primitive
 from autograd.tracer import isbox, new_box, toposort, trace_stack
 
 from .._xp import getval, is_box
-from ._tree import tree_flatten
+from ._layout import tree_flatten
 from .controller import _check_tolerance
 from .loop import Counts, Trace
 from .step import combine, stage_time, traced_step
@@ -258,7 +258,7 @@ def make_vjp_fun(f, params, layout, leaves_raw, need_params, rebuild=None):
     Uses the fused ``f.vjp`` when present, else autograd (:func:`multi_vjp`, with respect to the
     floating leaves of ``params``; integer leaves get zero cotangents).  ``a_params_flat`` is the
     concatenation of the raveled leaves of ``a^T df/dparams`` in :func:`tree_flatten` order.
-    ``layout`` maps flat states to ``f``'s (:class:`~flowmath.ode._tree.StateLayout`).
+    ``layout`` maps flat states to ``f``'s (:class:`~flowmath.ode._layout.StateLayout`).
     """
     n_leaves = len(leaves_raw)
     if rebuild is None:
@@ -827,7 +827,7 @@ def differentiable_solve(f, fun, layout, y0, t_arg, t, leaves, rebuild, opts, ba
     leaves_raw = [getval(leaf) for leaf in leaves]
     y0flat = layout.flat_traced(y0)
     ctx = _Context(
-        f, fun, layout, layout.flat(getval_tree(y0, layout)), t, leaves_raw, rebuild, opts,
+        f, fun, layout, layout.flat(layout.values(y0)), t, leaves_raw, rebuild, opts,
         backward, stats, ev,
     )  # fmt: skip
     ctx.y0_dtype = np.dtype(getattr(getval(y0flat), "dtype", np.float64))
@@ -855,9 +855,3 @@ def differentiable_solve(f, fun, layout, y0, t_arg, t, leaves, rebuild, opts, ba
     ctx.t_events = [anp.array(x) if x else None for x in times]
     ctx.y_events = [anp.stack(x) if x else None for x in states]
     return ys, ctx
-
-
-def getval_tree(tree, layout):
-    """The plain values of a (possibly boxed) state pytree."""
-    leaves = tree_flatten(tree)[0]
-    return layout.rebuild([getval(leaf) for leaf in leaves]) if not layout.single else getval(tree)

@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from .._xp import getval, is_box
-from ._tree import StateLayout, tree_flatten
+from ._layout import StateLayout, tree_flatten
 from .adjoint import differentiable_solve
 from .controller import MAX_FACTOR, MIN_FACTOR, SAFETY, Controller
 from .loop import DEFAULT_MAX_STEPS, STEP_FLOOR_ULPS, ODESolverError, Trace
@@ -162,13 +162,6 @@ def _make_flat_fun(f, params, layout):
         return layout.flat(out)
 
     return fun
-
-
-def getval_state(y0, layout):
-    """The plain values of a (possibly traced) state."""
-    if layout.single:
-        return getval(y0)
-    return layout.rebuild([getval(leaf) for leaf in tree_flatten(y0)[0]])
 
 
 def _check_out(out, shape):
@@ -452,7 +445,7 @@ def solve(
     if opts.dense_output:
         sol.sol = DenseOutput(
             opts.tableau, trace.steps, trace.Ks, trace.f_end, layout, fun,
-            t0=float(t_raw[0]), y0=layout.flat(getval_state(y0, layout)),
+            t0=float(t_raw[0]), y0=layout.flat(layout.values(y0)),
         )  # fmt: skip
     if stats is not None:
         stats["forward"] = sol.forward_stats()

@@ -1,63 +1,30 @@
-"""Pytrees for the ODE package: parameter leaves and pytree states as one flat float64 vector.
+"""State layouts: a state pytree (or one array, or a Python float) as the solvers' flat float64
+vector.
 
-A pytree is a nested dict (keys sorted) / list / tuple of arrays or floats.  The solvers work on
-one flat float64 vector: :func:`tree_flatten` lists the leaves of a parameter tree and rebuilds
-it; :class:`StateLayout` maps a state pytree (or a single array, or a Python float) to the flat
-vector and back, with each leaf's shape and output dtype.
+A pytree is a nested dict (keys sorted) / list / tuple of arrays or floats; its leaves and their
+order come from :mod:`flowmath._pytree` (the package's one pytree module, through
+:func:`tree_flatten`). :class:`StateLayout` maps a state to the flat vector and back, with each
+leaf's shape and output dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
 
+from .._pytree import flatten, unflatten
 from .._xp import getval, is_box
 
 __all__ = ["StateLayout", "tree_flatten"]
 
 
 def tree_flatten(tree):
-    """Leaves of a pytree (dict keys sorted) and a function rebuilding it from a leaf list."""
-    if tree is None:
-        return [], lambda leaves: None
-    if is_box(tree) and isinstance(getval(tree), (dict, list, tuple)):
-        # autograd boxes a container when differentiating with respect to it (DictBox,
-        # SequenceBox): index it to reach boxed leaves; the rebuilt tree is a plain container.
-        raw = getval(tree)
-        if isinstance(raw, dict):
-            tree = {k: tree[k] for k in raw}
-        else:
-            items = [tree[i] for i in range(len(raw))]
-            kind = type(raw)
-            tree = kind(items) if kind in (list, tuple) else kind(*items)
-    if isinstance(tree, dict):
-        keys = sorted(tree)
-        parts = [tree_flatten(tree[k]) for k in keys]
-        sizes = [len(p[0]) for p in parts]
-
-        def rebuild(leaves):
-            out, i = {}, 0
-            for k, (_, rb), n in zip(keys, parts, sizes, strict=True):
-                out[k] = rb(leaves[i : i + n])
-                i += n
-            return out
-
-        return [leaf for p in parts for leaf in p[0]], rebuild
-    if isinstance(tree, (list, tuple)):
-        kind = type(tree)
-        parts = [tree_flatten(v) for v in tree]
-        sizes = [len(p[0]) for p in parts]
-
-        def rebuild(leaves):
-            out, i = [], 0
-            for (_, rb), n in zip(parts, sizes, strict=True):
-                out.append(rb(leaves[i : i + n]))
-                i += n
-            return kind(out) if kind in (list, tuple) else kind(*out)
-
-        return [leaf for p in parts for leaf in p[0]], rebuild
-    return [tree], lambda leaves: leaves[0]
+    """``(leaves, rebuild)``: the leaves of a pytree (:func:`flowmath._pytree.flatten`, which
+    opens containers boxed by autograd) and the function rebuilding the tree from a leaf list."""
+    leaves, struct = flatten(tree)
+    return leaves, functools.partial(unflatten, struct)
 
 
 def _as_float64(x):
@@ -126,6 +93,12 @@ class StateLayout:
         self.leaves = leaves
 
     # -- plain arrays -------------------------------------------------------------------------
+    def values(self, tree):
+        """The plain values of a (possibly traced) state of this layout."""
+        if self.single:
+            return getval(tree)
+        return self.rebuild([getval(leaf) for leaf in tree_flatten(tree)[0]])
+
     def flat(self, tree) -> np.ndarray:
         """The flat float64 vector of a plain state pytree of this layout."""
         if self.single:
