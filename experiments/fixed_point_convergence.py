@@ -85,7 +85,7 @@ def run(config: Config) -> dict:
         d = config.dim
         Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
         lin = fm.IResBlock(hidden=(), coeff=c, logdet="exact")
-        lp = {"W": [c * Q], "b": [np.zeros(d)]}
+        lp = [{"W": c * Q.T, "b": np.zeros(d)}]  # g(x) = c Q x (row form x Q^T c)
         xs = rng.normal(size=(config.n, d))
         xs /= c * np.linalg.norm(xs, axis=1, keepdims=True)  # ||x^0 - x*|| = 1
         worst = _run_map(lin, lp, xs, config.tol)

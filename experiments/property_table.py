@@ -133,13 +133,14 @@ def _vector_couplings(cls, d_hidden, n):
 
 
 def _aligned_residual(params, rng, bias=0.5):
-    """Weights with ``J_g`` close to ``-c^2 I``: ``W_1 = U`` (orthonormal columns),
-    ``W_2 = -U^T``, positive hidden biases. The power series then loses its alternation and its
-    truncation bias approaches the bound ``d sum_{k>n} L^k / k``; random weights give Jacobians
-    far below ``L`` and biases too small to see."""
-    W1, W2 = params["W"]
-    U, _ = np.linalg.qr(rng.normal(size=W1.shape))
-    return {"W": [U, -U.T], "b": [np.full(W1.shape[0], bias), np.zeros(W2.shape[0])]}
+    """Weights with ``J_g`` close to ``-c^2 I``: in column form ``W_1 = U`` (orthonormal
+    columns), ``W_2 = -U^T``, positive hidden biases (the layers store the transposes, ``h W +
+    b``). The power series then loses its alternation and its truncation bias approaches the
+    bound ``d sum_{k>n} L^k / k``; random weights give Jacobians far below ``L`` and biases too
+    small to see."""
+    first, _ = params
+    U, _ = np.linalg.qr(rng.normal(size=first["W"].shape[::-1]))  # (hidden, d)
+    return [{"W": U.T, "b": np.full(U.shape[0], bias)}, {"W": -U, "b": np.zeros(U.shape[1])}]
 
 
 def _gradient_field(params, rng, strength=1.5):

@@ -124,7 +124,7 @@ def _make_variants(config, rng, x):
     def plain_loss(params, batch, r):
         z = batch
         for p in params:
-            z = z + _mlp(z, p["W"], p["b"], "elu")[0]
+            z = z + _mlp(z, [q["W"] for q in p], [q["b"] for q in p], "elu")[0]
         return 0.5 * anp.mean(anp.sum(z * z, axis=1))
 
     def sn_loss(params, batch, r):

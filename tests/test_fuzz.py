@@ -846,8 +846,8 @@ def test_iresblock_invert_checks_the_declared_spec():
     block = fm.IResBlock(hidden=(8,), logdet="exact")
     x = rng.normal(size=(3, 4))
     params = block.init(rng, x)
-    bad = {"W": params["W"], "b": [params["b"][0][:-1], params["b"][1]]}
-    with pytest.raises(ValueError, match=r'`params\["b"\]\[0\]` must have shape \(8,\)'):
+    bad = [{**params[0], "b": params[0]["b"][:-1]}, params[1]]
+    with pytest.raises(ValueError, match=r'`params\[0\]\["b"\]` must have shape \(8,\)'):
         block.invert(bad, x)
     with pytest.raises(ValueError, match=r"`y` must have shape \(n, 4\)"):
         block.invert(params, x[:, :3])

@@ -105,7 +105,8 @@ def _iresnet_params(seed=0):
     W1 = 0.9 * Q
     W2 = -0.62 * Q.T + 0.04 * G / np.linalg.norm(G, 2)
     b1 = 0.3 * rng.standard_normal(D)
-    params = {"W": [W1, W2], "b": [b1, 0.1 * rng.standard_normal(D)]}
+    # the layers compute h W + b: the transposes of the column-form W1, W2
+    params = [{"W": W1.T, "b": b1}, {"W": W2.T, "b": 0.1 * rng.standard_normal(D)}]
     x = 0.5 + 0.3 * rng.standard_normal((1, D))  # mostly positive pre-activations
     return params, x
 
@@ -197,7 +198,7 @@ def test_iresblock_roulette_layer_mean_and_variance(iresnet, probe):
 
 
 def _flat_grads(g):
-    return np.concatenate([np.ravel(a) for a in (*g["W"], *g["b"])])
+    return np.concatenate([np.ravel(q[k]) for k in ("W", "b") for q in g])
 
 
 def test_neumann_gradient_layer_unbiased(iresnet):
@@ -251,11 +252,11 @@ def test_neumann_gradient_linear_variance_matches_formula():
     se = math.sqrt(var_ref / R)
     _check_power(se, mean_ref)
     block = fm.IResBlock(hidden=(), coeff=0.9, logdet="roulette", n_exact=m, neumann_gradient=True)
-    params = {"W": [W], "b": [np.zeros(d)]}
+    params = [{"W": W.T, "b": np.zeros(d)}]  # row form: x W^T
     xs = np.zeros((B, d))
     grad = autograd.grad(lambda q, r: anp.mean(block.forward(q, xs, r)[1]))
     draw = np.random.default_rng(14)
-    s = np.array([np.sum(grad(params, draw)["W"][0] * G) for _ in range(R)])
+    s = np.array([np.sum(grad(params, draw)[0]["W"] * G.T) for _ in range(R)])
     z = (s.mean() - mean_ref) / se
     assert abs(z) < Z, (s.mean(), mean_ref, z)
     c = s - s.mean()

@@ -65,7 +65,7 @@ def test_fixed_point_bounds_recomputed_at_every_iteration(name):
     block = fm.IResBlock(hidden=hidden, coeff=coeff, logdet="exact", activation=act)
     x_star = scale * rng.normal(size=(5, 6))
     params = block.init(rng, x_star)
-    L_svd = _lipschitz_by_svd(params["W"], coeff)
+    L_svd = _lipschitz_by_svd([p["W"] for p in params], coeff)
     y, _ = block.forward(params, x_star)
     x, _, info = block.inverse_with_info(params, y, record=True, tol=1e-12)
     # the certificate: above the SVD value, by at most 1e-9 relative (measured: ~1e-15)
@@ -96,10 +96,10 @@ def test_fixed_point_iteration_count_is_the_a_priori_one_worst_case(c):
     d = 8
     Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     block = fm.IResBlock(hidden=(), coeff=c, logdet="exact")
-    params = {"W": [c * Q], "b": [np.zeros(d)]}
+    params = [{"W": c * Q.T, "b": np.zeros(d)}]  # g(x) = c Q x in row form
     y = rng.normal(size=(1, d))
     _, info = block.invert(params, y, tol=1e-10)
-    d0 = np.linalg.norm(y @ params["W"][0].T)  # ||x^1 - x^0|| = ||g(y)||
+    d0 = np.linalg.norm(y @ params[0]["W"])  # ||x^1 - x^0|| = ||g(y)||
     thresh = 1e-10 * max(1.0, np.linalg.norm(y))
     k_prior = math.ceil(math.log(thresh * (1 - c) / d0) / math.log(c))
     # a_post_k = c/(1-c) ||x^k - x^{k-1}|| with ||x^k - x^{k-1}|| = c^{k-1} ||(I + cQ) e_0||
@@ -115,7 +115,7 @@ def test_lipschitz_certificate_against_jacobians():
     x = rng.normal(size=(60, 4)) * 2
     params = block.init(rng, x)
     L = block.lipschitz_bound(params)
-    Wn = _normalised_by_svd(params["W"], 0.9)
+    Wn = _normalised_by_svd([p["W"] for p in params], 0.9)
     exact = fm.IResBlock(hidden=(10,), coeff=0.9, logdet="exact")
 
     def g(v):

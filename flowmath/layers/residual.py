@@ -52,7 +52,13 @@ from ..activations import ACTIVATIONS as _ACT
 from ..activations import check_activation
 from .base import VECTOR, Bijection, Leaf, _InputMismatch, cast_tree
 
-__all__ = ["FixedPointError", "FixedPointInfo", "IResBlock", "solve_fixed_point"]
+__all__ = [
+    "FixedPointError",
+    "FixedPointInfo",
+    "IResBlock",
+    "params_from_legacy",
+    "solve_fixed_point",
+]
 
 LOGDETS = ("exact", "series", "roulette")
 #: The activations of ``g`` (entries of :data:`flowmath.activations.ACTIVATIONS`, Lipschitz 1).
@@ -253,7 +259,8 @@ def solve_fixed_point(g, y, lipschitz: float, *, tol: float, max_iter: int, reco
 
 
 # ---------------------------------------------------------------------------------------------
-# the residual branch g: an MLP in row form, a = h W^T + b
+# the residual branch g: an MLP in row form, a = h W + b (W of shape (fan_in, fan_out), as in
+# flowmath.nets)
 # ---------------------------------------------------------------------------------------------
 def _mlp(x, Ws, bs, act):
     """g(x) and the pre-activations of the hidden layers."""
@@ -263,7 +270,7 @@ def _mlp(x, Ws, bs, act):
     pre = []
     last = len(Ws) - 1
     for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
-        a = xp.dot(h, W.T) + b
+        a = xp.dot(h, W) + b
         if i < last:
             pre.append(a)
             h = phi(a)
@@ -278,7 +285,7 @@ def _mlp_host(x, Ws, bs, act):
     last = len(Ws) - 1
     h = x
     for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
-        a = h @ W.T
+        a = h @ W
         a += b
         if i < last:
             if act == "elu":
@@ -293,31 +300,33 @@ def _mlp_host(x, Ws, bs, act):
 
 
 def _mlp_vjp(V, Ws, pre, act):
-    """Rows :math:`v_i^\\top J_g(x_i)`: ``((V W_L) * phi'(a_{L-1})) W_{L-1} ... W_1``."""
+    """Rows :math:`v_i^\\top J_g(x_i)`:
+    ``((V W_L^T) * phi'(a_{L-1})) W_{L-1}^T ... W_1^T``."""
     dphi = _ACT[act].derivative
     xp = array_namespace(V, Ws, pre)
-    h = xp.dot(V, Ws[-1])
+    h = xp.dot(V, Ws[-1].T)
     for W, a in zip(reversed(Ws[:-1]), reversed(pre), strict=True):
-        h = xp.dot(h * dphi(a), W)
+        h = xp.dot(h * dphi(a), W.T)
     return h
 
 
 def _mlp_vjp_slopes(V, Ws, slopes):
     """:func:`_mlp_vjp` with the slopes ``phi'(a_i)`` precomputed."""
     xp = array_namespace(V, Ws, slopes)
-    h = xp.dot(V, Ws[-1])
+    h = xp.dot(V, Ws[-1].T)
     for W, s in zip(reversed(Ws[:-1]), reversed(slopes), strict=True):
-        h = xp.dot(h * s, W)
+        h = xp.dot(h * s, W.T)
     return h
 
 
 def _mlp_jacobian(Ws, pre, act):
-    """Dense per-sample Jacobians of g, shape (n, d, d)."""
+    """Dense per-sample Jacobians of g, shape (n, d, d):
+    :math:`J_g = W_L^\\top \\operatorname{diag}(\\phi'(a_{L-1})) \\cdots W_1^\\top`."""
     dphi = _ACT[act].derivative
     xp = array_namespace(Ws, pre)
-    J = Ws[0]
+    J = Ws[0].T
     for W, a in zip(Ws[1:], pre, strict=True):
-        J = xp.matmul(W, dphi(a)[:, :, None] * J)
+        J = xp.matmul(W.T, dphi(a)[:, :, None] * J)
     if J.ndim == 2:  # no hidden layer: the same J for every sample
         raise AssertionError("handled by the caller")
     return J
@@ -402,7 +411,10 @@ defvjp_argnums(_fixed_point, _fixed_point_vjp)
 class IResBlock(Bijection):
     """Invertible residual block :math:`F(x) = x + g(x)` with a spectrally normalised MLP ``g``.
 
-    .. math:: \\tilde W_i = W_i / \\max(1, \\hat\\sigma_i / c), \\qquad
+    .. math:: g(x) = \\phi(\\dots \\phi(x \\tilde W_1 + b_1) \\dots) \\tilde W_L + b_L, \\qquad
+        \\tilde W_i = W_i / \\max(1, \\hat\\sigma_i / c),
+
+
         \\mathrm{Lip}(g) \\le L = \\prod_i \\|\\tilde W_i\\|_2^{\\mathrm{cert}}
         \\prod \\mathrm{Lip}(\\phi) \\le c^{\\,\\mathrm{len(hidden)}+1} \\ (\\text{exact norms}),
 
@@ -428,12 +440,12 @@ class IResBlock(Bijection):
     spectral : {"auto", "exact", "power"}
         How :math:`\\hat\\sigma` is obtained. ``"exact"``: :func:`flowmath.lipschitz.
         spectral_norm` (SVD; differentiable; no state). ``"power"``: ``n_power_iterations``
-        power iterations per call started from the state ``u`` stored in ``params["u"]`` —
+        power iterations per call started from the state ``u`` stored in each layer's dict —
         a deterministic function of ``(params, x)``; ``u`` receives no gradient (its gradient is
         zero, so Adam leaves it unchanged) and is advanced by :meth:`update_state`, which a
         training loop calls after each step. ``"auto"`` (default): ``"exact"`` when every
         weight's smaller side is at most 128, else ``"power"`` (decided at ``init``; the
-        parameters show which: power mode has ``"u"``).
+        parameters show which: power mode has ``"u"`` in every layer).
     n_power_iterations : int
         Power iterations per call in power mode (the state makes one enough once warm).
     probe : {"gaussian", "rademacher"}
@@ -454,9 +466,13 @@ class IResBlock(Bijection):
 
     Notes
     -----
-    ``params = {"W": [W_1..W_L], "b": [b_1..b_L]}`` hold *raw* weights (plus ``"u"`` in power
-    mode); the normalisation is part of the map, so the parameters stay a plain pytree that
-    Adam can update.
+    ``params`` is flowmath's one MLP layout (as :func:`flowmath.nets.mlp_init`): a list with
+    one dict per layer, ``[{"W": (fan_in, fan_out), "b": (fan_out,)}, ...]``, the layer
+    computing ``h W + b``; in power mode each dict also holds ``"u"`` (``(fan_out,)``, the
+    power-iteration estimate of the top left singular vector of ``W^T``). The weights are *raw*:
+    the normalisation is part of the map, so the parameters stay a plain pytree that Adam can
+    update. :func:`params_from_legacy` converts the layout of earlier versions
+    (``{"W": [...], "b": [...], "u": [...]}`` with ``W`` of shape ``(fan_out, fan_in)``).
 
     References
     ----------
@@ -534,81 +550,101 @@ class IResBlock(Bijection):
         return self.logdet != "exact"
 
     # -- parameters -----------------------------------------------------------------------------
+    def _uses_power(self, shapes):
+        return self.spectral == "power" or (
+            self.spectral == "auto" and any(min(s) > AUTO_EXACT_MAX for s in shapes)
+        )
+
     def _init(self, rng, x):
         d = x.shape[1]
         sizes = (d, *self.hidden, d)
-        Ws, bs = [], []
+        params = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            Ws.append(rng.normal(size=(fan_out, fan_in)) / math.sqrt(fan_in))
-            bs.append(0.1 * rng.normal(size=fan_out))
-        params = {"W": Ws, "b": bs}
-        power = self.spectral == "power" or (
-            self.spectral == "auto" and any(min(W.shape) > AUTO_EXACT_MAX for W in Ws)
-        )
-        if power:
-            params["u"] = [_top_left_singular_vector(W) for W in Ws]
+            # drawn as (fan_out, fan_in) and transposed: the same numbers for a seed as before
+            W = np.ascontiguousarray((rng.normal(size=(fan_out, fan_in)) / math.sqrt(fan_in)).T)
+            params.append({"W": W, "b": 0.1 * rng.normal(size=fan_out)})
+        if self._uses_power([p["W"].shape for p in params]):
+            for p in params:
+                p["u"] = _top_left_singular_vector(p["W"].T)
         return params
 
     def _param_spec(self, event_shape):
         (d,) = event_shape
         sizes = (d, *self.hidden, d)
-        shapes = [(b, a) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-        spec = {"W": [Leaf(s) for s in shapes], "b": [Leaf((s[0],)) for s in shapes]}
-        if self.spectral == "power" or (
-            self.spectral == "auto" and any(min(s) > AUTO_EXACT_MAX for s in shapes)
-        ):
-            spec["u"] = [Leaf((s[0],)) for s in shapes]
-        return spec
+        shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
+        state = self._uses_power(shapes)
+        return [
+            {"W": Leaf(s), "b": Leaf((s[1],)), **({"u": Leaf((s[1],))} if state else {})}
+            for s in shapes
+        ]
+
+    def _check_params(self, params, event_shape, path, dtype):
+        _refuse_legacy(params, path)
+        super()._check_params(params, event_shape, path, dtype)
 
     def _event_shape(self, params):
         params = getval(params)
-        if not isinstance(params, dict) or "W" not in params or "b" not in params:
-            raise ValueError("`params` must be a dict with keys 'W' and 'b' (from IResBlock.init)")
-        Ws = params["W"]
-        if len(Ws) != len(self.hidden) + 1:
+        n = len(self.hidden) + 1
+        _refuse_legacy(params, "params")
+        if (
+            not isinstance(params, (list, tuple))
+            or len(params) != n
+            or not all(isinstance(getval(p), dict) and "W" in getval(p) for p in params)
+        ):
+            got = type(params).__name__
+            if isinstance(params, (list, tuple)):
+                got += f" of length {len(params)}"
             raise ValueError(
-                f"`params` must hold {len(self.hidden) + 1} weight matrices for hidden="
-                f"{self.hidden}; got {len(Ws)}"
+                f"`params` must be a list of {n} layer dicts {{'W', 'b'}} for hidden="
+                f"{self.hidden} (from IResBlock.init); got {got}"
             )
-        return (getval(Ws[0]).shape[1],)
+        return (getval(getval(params[0])["W"]).shape[0],)
 
     def _power_mode(self, params):
         params = getval(params)
         if self.spectral == "exact":
             return False
-        if self.spectral == "power" and "u" not in params:
+        has_u = "u" in getval(params[0])
+        if self.spectral == "power" and not has_u:
             raise ValueError(
-                "`params` must hold the power-iteration state 'u' for "
+                "`params` must hold the power-iteration state 'u' in every layer for "
                 "spectral='power' (use IResBlock.init)"
             )
-        return "u" in params
+        return has_u
 
     def update_state(self, params, n_iter: int | None = None):
         """Advance the power-iteration state: returns new params with ``u`` after ``n_iter``
         (default ``n_power_iterations``) more iterations; the weights are shared, not copied.
         Without a state (exact mode) the params are returned unchanged."""
-        if not isinstance(params, dict) or "u" not in params:
+        if not isinstance(params, (list, tuple)) or not all(
+            isinstance(p, dict) and "u" in p for p in params
+        ):
             return params
         if n_iter is None:
             n_iter = self.n_power_iterations
         n_iter = check_int(n_iter, "n_iter", minimum=1)
-        us = [
-            lip.power_iteration(getval(W), getval(u), n_iter)[1]
-            for W, u in zip(params["W"], params["u"], strict=True)
+        return [
+            {**p, "u": lip.power_iteration(getval(p["W"]).T, getval(p["u"]), n_iter)[1]}
+            for p in params
         ]
-        return {**params, "u": us}
 
     # -- the normalised map ---------------------------------------------------------------------
     def normalized_weights(self, params):
-        """``(W~, b, sigma_hat)``: the weights the map uses, the biases, the estimates."""
-        Ws, bs = _as_list(params["W"]), _as_list(params["b"])
+        """``(W~, b, sigma_hat)``: the weights the map uses (``(fan_in, fan_out)`` each), the
+        biases, the estimates."""
+        _refuse_legacy(params, "params")
+        layers = _as_list(params)
+        Ws = [p["W"] for p in layers]
+        bs = [p["b"] for p in layers]
         power = self._power_mode(params)
         out, sigmas = [], []
         for i, W in enumerate(Ws):
             if power:
-                Wn, _, sigma = lip.spectral_normalize(
-                    W, getval(params["u"][i]), self.coeff, self.n_power_iterations
+                # power iteration on W^T (u lives in the output space, as b does)
+                WnT, _, sigma = lip.spectral_normalize(
+                    W.T, getval(layers[i]["u"]), self.coeff, self.n_power_iterations
                 )
+                Wn = WnT.T
             else:
                 xp = array_namespace(W)
                 sigma = lip.spectral_norm(W)
@@ -657,8 +693,8 @@ class IResBlock(Bijection):
         dtype = getval(x).dtype
         xp = array_namespace(x, Wn)
         if self.logdet == "exact":
-            if not pre:  # linear g: one Jacobian for all samples
-                ld = estimators.exact_logdet(Wn[0][None])
+            if not pre:  # linear g: one Jacobian (W^T) for all samples
+                ld = estimators.exact_logdet(Wn[0].T[None])
                 return ld * xp.ones(n, dtype=dtype)
             return estimators.exact_logdet(_mlp_jacobian(Wn, pre, self.activation))
 
@@ -799,6 +835,50 @@ class IResBlock(Bijection):
 def _as_list(seq):
     """A list of the items of a list, tuple or autograd SequenceBox."""
     return [seq[i] for i in range(len(seq))]
+
+
+def _refuse_legacy(params, path):
+    params = getval(params)
+    if isinstance(params, dict) and "W" in params:
+        raise ValueError(
+            f"`{path}` is in the IResBlock layout of earlier versions (a dict of lists "
+            "{'W': [...], 'b': [...]}); flowmath's MLP layout is a list of layer dicts "
+            "[{'W': (fan_in, fan_out), 'b': (fan_out,)}, ...]: convert it with "
+            "flowmath.layers.residual.params_from_legacy"
+        )
+
+
+def params_from_legacy(params):
+    """Convert :class:`IResBlock` parameters from the layout of earlier versions,
+    ``{"W": [W_1..W_L], "b": [b_1..b_L]}`` (plus ``"u": [u_1..u_L]``) with ``W_i`` of shape
+    ``(fan_out, fan_in)``, to flowmath's MLP layout ``[{"W": W_1^T, "b": b_1 (, "u": u_1)},
+    ...]``. The map, its log-determinant and its power-iteration state are unchanged (the
+    weights are copied, contiguous).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> old = {"W": [np.ones((4, 3)), np.ones((3, 4))], "b": [np.zeros(4), np.zeros(3)]}
+    >>> [p["W"].shape for p in params_from_legacy(old)]
+    [(3, 4), (4, 3)]
+    """
+    if not isinstance(params, dict) or "W" not in params or "b" not in params:
+        raise ValueError(
+            "`params` must be the earlier IResBlock layout, a dict with lists 'W' and 'b' "
+            f"(and 'u'); got {type(params).__name__}"
+        )
+    keys = [k for k in ("W", "b", "u") if k in params]
+    lengths = {k: len(params[k]) for k in keys}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"`params` lists must have one entry per layer; got lengths {lengths}")
+    out = []
+    for i in range(lengths["W"]):
+        layer = {"W": np.ascontiguousarray(np.asarray(params["W"][i]).T)}
+        layer["b"] = np.array(params["b"][i])
+        if "u" in params:
+            layer["u"] = np.array(params["u"][i])
+        out.append(layer)
+    return out
 
 
 def _top_left_singular_vector(W):
