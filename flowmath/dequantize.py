@@ -232,8 +232,9 @@ class VariationalDequantizer:
         self.layer = layer
 
     def init(self, rng: np.random.Generator, x, levels: int):
-        """Parameters ``{"net": [(W, b), ...]}`` (plus ``"layer"`` with a layer); the last MLP
-        layer is zero, so that ``q`` starts uniform when there is no layer."""
+        """Parameters ``{"net": [{"W": (fan_in, fan_out), "b": (fan_out,)}, ...]}`` (flowmath's
+        MLP layout, as :func:`flowmath.nets.mlp_init`; plus ``"layer"`` with a layer); the last
+        MLP layer is zero, so that ``q`` starts uniform when there is no layer."""
         check_rng(rng)
         levels = _check_levels(levels)
         xf, dtype = _check_discrete(x, levels)
@@ -242,8 +243,8 @@ class VariationalDequantizer:
         net = []
         for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
             w = rng.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in)
-            net.append((w.astype(dtype), np.zeros(fan_out, dtype)))
-        net.append((np.zeros((widths[-1], 2 * d), dtype), np.zeros(2 * d, dtype)))
+            net.append({"W": w.astype(dtype), "b": np.zeros(fan_out, dtype)})
+        net.append({"W": np.zeros((widths[-1], 2 * d), dtype), "b": np.zeros(2 * d, dtype)})
         params = {"net": net}  # no None leaves: autograd cannot differentiate through them
         if self.layer is not None:
             eps = rng.logistic(size=(xf.shape[0], d)).astype(dtype)
@@ -255,10 +256,9 @@ class VariationalDequantizer:
         d = _event_size(xf)
         h = 2.0 * anp.reshape(xf, (n, d)) / (levels - 1) - 1.0
         net = params["net"]
-        for w, b in net[:-1]:
-            h = anp.tanh(anp.dot(h, w) + b)
-        w, b = net[-1]
-        out = anp.dot(h, w) + b
+        for k in range(len(net) - 1):
+            h = anp.tanh(anp.dot(h, net[k]["W"]) + net[k]["b"])
+        out = anp.dot(h, net[-1]["W"]) + net[-1]["b"]
         return out[:, :d], out[:, d:]
 
     def sample(self, params, x, levels: int, rng: np.random.Generator):
