@@ -66,3 +66,27 @@ def test_layer_computes_h_W_plus_b():
     relu_g = nets.mlp_apply(params, x)
     h = fm.activations.relu(x @ params[0]["W"] + params[0]["b"])
     np.testing.assert_allclose(relu_g, h @ params[1]["W"] + params[1]["b"], rtol=0, atol=1e-15)
+
+
+def test_checkpoint_keeps_the_layout(tmp_path):
+    """fit's checkpoints are generic pytrees: a residual flow's parameters (power mode, with
+    the state u in each layer dict) come back from the checkpoint in the same layout, leaf for
+    leaf, and an earlier-layout tree is refused as another structure."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, D))
+    flow = fm.Flow(fm.Chain([fm.IResBlock(hidden=(H,), logdet="exact", spectral="power")]))
+    p0 = flow.init(rng, x)
+    loss = lambda p, b, r: -flow.log_prob(p, b)  # noqa: E731
+    ck = tmp_path / "res.npz"
+    params, _ = fm.train.fit(
+        loss, p0, x, rng=np.random.default_rng(0), steps=3, checkpoint=ck, progress=False
+    )
+    saved = fm.train.load_checkpoint(ck)["params"]
+    assert [sorted(q) for q in saved[0]] == [["W", "b", "u"]] * 2
+    for a, b in zip(fm._pytree.leaves(saved), fm._pytree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    old = [{"W": [q["W"].T for q in p0[0]], "b": [q["b"] for q in p0[0]]}]
+    with pytest.raises(ValueError, match="another structure"):
+        fm.train.fit(
+            loss, old, x, rng=np.random.default_rng(0), steps=3, checkpoint=ck, progress=False
+        )
