@@ -8,15 +8,39 @@ a form exists (the fused VJPs keep only ``y``), an upper bound on the Lipschitz 
 kernels know it. Layers validate their ``activation=`` argument with :func:`check_activation`,
 naming the subset their fused code supports.
 
-======== =========================================== ============================== ===== ====
-name     :math:`\\phi(x)`                             :math:`\\phi'(x)`               Lip   code
-======== =========================================== ============================== ===== ====
-relu     :math:`\\max(x, 0)`                          :math:`[x > 0]`                 1     0
-tanh     :math:`\\tanh x`                             :math:`1 - \\tanh^2 x`           1     1
-softplus :math:`\\log(1 + e^x)`                       :math:`\\sigma(x)`               1     2
-elu      :math:`x` (x > 0), :math:`e^x - 1` (x <= 0)  :math:`1` (x > 0), :math:`e^x`   1     3
-lipswish :math:`x\\,\\sigma(x) / 1.1`                 see :func:`lipswish`           1     4
-======== =========================================== ============================== ===== ====
+.. list-table::
+   :header-rows: 1
+
+   * - name
+     - :math:`\\phi(x)`
+     - :math:`\\phi'(x)`
+     - Lip
+     - code
+   * - relu
+     - :math:`\\max(x, 0)`
+     - :math:`[x > 0]`
+     - 1
+     - 0
+   * - tanh
+     - :math:`\\tanh x`
+     - :math:`1 - \\tanh^2 x`
+     - 1
+     - 1
+   * - softplus
+     - :math:`\\log(1 + e^x)`
+     - :math:`\\sigma(x)`
+     - 1
+     - 2
+   * - elu
+     - :math:`x` for x > 0, :math:`e^x - 1` else
+     - :math:`1` for x > 0, :math:`e^x` else
+     - 1
+     - 3
+   * - lipswish
+     - :math:`x\\,\\sigma(x) / 1.1`
+     - see :func:`lipswish`
+     - 1
+     - 4
 
 with :math:`\\sigma(x) = 1/(1 + e^{-x})`. The Lipschitz constants, derived from the derivatives:
 
