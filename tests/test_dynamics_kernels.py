@@ -69,8 +69,9 @@ def test_choice_follows_numpys_dispatch():
         assert simd == bool(features.get("AVX2") and features.get("FMA3"))
     from flowmath.ode import dynamics
 
-    # the fused row-wise MLP kernels use the scalar tanh: on by default only with the kernel
-    assert dynamics.FUSED_MAX_DIM == (0 if simd else 16)
+    # the fused row-wise MLP forward uses the scalar tanh: on by default only with the kernel
+    assert dynamics.FUSED_FORWARD is (not simd)
+    assert dynamics.FUSED_MAX_DIM == 16
 
 
 def test_primitive_gradients(tanh_path):
@@ -117,6 +118,7 @@ def test_fused_one_hidden_layer_kernels_match_numpy_path(time, monkeypatch, tanh
     y, a = rng.normal(size=(2, n, d + 1))
     probe = None
     outs = {}
+    monkeypatch.setattr(dynamics, "FUSED_FORWARD", True)
     for limit in (16, 0):
         monkeypatch.setattr(dynamics, "FUSED_MAX_DIM", limit)
         cnf = dynamics.CNFDynamics(fld, probe)
@@ -133,6 +135,10 @@ def test_fused_one_hidden_layer_kernels_match_numpy_path(time, monkeypatch, tanh
 
     for got, want in zip(fused, plain, strict=True):
         np.testing.assert_allclose(flat(got), flat(want), rtol=1e-13, atol=1e-13)
+    # FUSED_FORWARD off (the default where NumPy has a SIMD tanh): the forward is the NumPy path
+    monkeypatch.setattr(dynamics, "FUSED_FORWARD", False)
+    monkeypatch.setattr(dynamics, "FUSED_MAX_DIM", 16)
+    np.testing.assert_array_equal(fld(t, y[:, :d], params), plain[0])
 
 
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):

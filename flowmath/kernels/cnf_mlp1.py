@@ -19,6 +19,12 @@ gradients back to the layer parameters). The reference twins are the generic Num
 :class:`~flowmath.ode.dynamics.MLPDynamics` and :class:`~flowmath.ode.dynamics.CNFDynamics`
 (tests compare them to 1e-13), whose ``__call__`` is differentiated by autograd; these kernels
 are used only on plain float64 NumPy arrays.
+
+Their tanh is the scalar formula of :mod:`flowmath.kernels.cnf_tanh` (one ``exp`` per value).
+Where NumPy has a SIMD tanh, BLAS plus ``numpy.tanh`` beats :func:`mlp1_forward`, so the field's
+forward does not use it there (``flowmath.ode.dynamics.FUSED_FORWARD``, decided per machine from
+NumPy's dispatch); :func:`mlp1_vjp` and the CNF kernels stay faster than the NumPy paths, which
+make extra passes over ``(n, H)`` arrays for the derivatives and the divergence.
 """
 
 from __future__ import annotations
