@@ -39,6 +39,7 @@ import threading
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.builtins import tuple as ag_tuple
 from autograd.extend import defvjp_argnums, primitive
 
 from .. import activations, nets
@@ -141,8 +142,10 @@ def _backward(xp, g, cache, part, inverse, need_x, need_params):
     gp = None
     if need_params:
         tree = {"net": grads[::-1], "scale": g_amp}
-        # through nets._pack, so that under a second derivative the tree is a traced container
-        gp = nets._pack(tuple(nets._leaves(tree)), nets._structure(tree))
+        # through nets._pack, so that under a second derivative the tree is a traced container;
+        # the leaves go in as autograd's tuple (one traced argument per leaf): a plain tuple of
+        # traced leaves would hide them from autograd and hand back a plain dict of boxes
+        gp = nets._pack(ag_tuple(nets._leaves(tree)), nets._structure(tree))
     return gx, gp
 
 
