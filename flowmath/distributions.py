@@ -114,8 +114,8 @@ class Flow:
         return self._draw(params, n, rng, dtype)[1]
 
     def sample_and_log_prob(self, params, n: int, rng: np.random.Generator, *, dtype=np.float64):
-        """Samples and their log-density in one pass: ``log p(x) = log pi(z) + log|det df^-1/dz|``
-        is ``log pi(z) - logdet_f(x)``, read off the inverse pass."""
+        """Samples and their log-density in one pass: ``log p(x) = log pi(z) - log|det df^-1/dz|``
+        ``= log pi(z) + logdet_f(x)``, with ``log|det df^-1/dz|`` read off the inverse pass."""
         z, x, logdet_inv = self._draw(params, n, rng, dtype)
         return x, self.base.log_prob(z) - logdet_inv
 
