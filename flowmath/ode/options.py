@@ -242,6 +242,15 @@ class Event:
     xtol : float
         Absolute tolerance in ``t`` of the located zero (default: 4 eps relative to the step).
 
+    Notes
+    -----
+    Under autograd the located times and states (``t_events``, ``y_events``) are differentiable
+    with respect to ``y0``, ``params`` and ``t[0]`` through every adjoint, by the implicit
+    function theorem on ``fn(t_e, y(t_e), params) = 0`` (:mod:`flowmath.ode.adjoint`); ``fn``
+    must take what it differentiates through ``params`` (a closed-over traced variable raises),
+    and a zero where ``fn`` does not change along the solution (``dfn/dt = 0``) raises when its
+    gradient is asked for.
+
     Examples
     --------
     A falling ball, ``y = [height, velocity]``, hits the ground at ``t = sqrt(2 h0 / g)``:
