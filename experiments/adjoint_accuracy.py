@@ -82,17 +82,21 @@ def _linear(t, z, A):
 
 
 def _mlp(t, z, p):
-    return anp.dot(anp.tanh(anp.dot(z, p["W1"]) + p["b1"] + t * p["u"]), p["W2"]) + p["b2"]
+    """tanh(z W1 + b1 + t u) W2 + b2, in flowmath's MLP layout (a list of layer dicts)."""
+    h = anp.tanh(anp.dot(z, p[0]["W"]) + p[0]["b"] + t * p[0]["u"])
+    return anp.dot(h, p[1]["W"]) + p[1]["b"]
 
 
 def _mlp_problem(rng, d=2, hidden=16, n=16):
-    p = {
-        "W1": rng.normal(size=(d, hidden)) / np.sqrt(d),
-        "b1": 0.1 * rng.normal(size=hidden),
-        "u": rng.normal(size=hidden),
-        "W2": rng.normal(size=(hidden, d)) / np.sqrt(hidden),
-        "b2": 0.1 * rng.normal(size=d),
-    }
+    # flowmath's MLP layout; drawn in the order W1, b1, u, W2, b2
+    p = [
+        {
+            "W": rng.normal(size=(d, hidden)) / np.sqrt(d),
+            "b": 0.1 * rng.normal(size=hidden),
+            "u": rng.normal(size=hidden),
+        },
+        {"W": rng.normal(size=(hidden, d)) / np.sqrt(hidden), "b": 0.1 * rng.normal(size=d)},
+    ]
     return p, rng.normal(size=(n, d))
 
 

@@ -72,16 +72,18 @@ def _problems(rng, t1):
         "exact": expm(A * t1) @ z0,
     }
     d, hidden, n = 2, 16, 8
-    p = {
-        "W1": rng.normal(size=(d, hidden)) / np.sqrt(d),
-        "b1": 0.1 * rng.normal(size=hidden),
-        "u": rng.normal(size=hidden),
-        "W2": rng.normal(size=(hidden, d)) / np.sqrt(hidden),
-        "b2": 0.1 * rng.normal(size=d),
-    }
+    # flowmath's MLP layout; drawn in the order W1, b1, u, W2, b2
+    p = [
+        {
+            "W": rng.normal(size=(d, hidden)) / np.sqrt(d),
+            "b": 0.1 * rng.normal(size=hidden),
+            "u": rng.normal(size=hidden),
+        },
+        {"W": rng.normal(size=(hidden, d)) / np.sqrt(hidden), "b": 0.1 * rng.normal(size=d)},
+    ]
 
     def mlp(t, z, p):
-        return np.tanh(z @ p["W1"] + p["b1"] + t * p["u"]) @ p["W2"] + p["b2"]
+        return np.tanh(z @ p[0]["W"] + p[0]["b"] + t * p[0]["u"]) @ p[1]["W"] + p[1]["b"]
 
     z0 = rng.normal(size=(n, d))
     ref = solve_ivp(
