@@ -64,10 +64,14 @@ FUSED_MAX_DIM = 16
 
 #: Whether ``MLPDynamics.__call__`` uses the row-wise kernel too. It evaluates tanh by a scalar
 #: ``exp`` per value, so where NumPy has a SIMD tanh (``flowmath.kernels.cnf_tanh.USE_KERNEL``
-#: false) BLAS plus ``numpy.tanh`` is faster (W1: 8.7 against 18.9 ms, alternating in one
-#: process on an AVX-512 EPYC). The VJP and both CNF kernels stay on: they fuse the derivatives
-#: and the divergence that the NumPy path computes in extra passes over ``(n, H)`` arrays (W2:
-#: 41 against 46 ms; W3's training step 37 against 61 ms, its forward 15 against 36 ms).
+#: false) BLAS plus ``numpy.tanh`` is faster (W1, alternating in one process on an AVX-512 EPYC:
+#: 6-8 ms against 11-12 ms). The VJP and both CNF kernels stay on: the NumPy paths make several
+#: ``(n, H)`` temporaries per call, and in glibc's default allocator state those pages go back to
+#: the OS and fault in again on every call (480 minor faults per CNF divergence call measured):
+#: then the kernels win (W2 17 against 30 ms, W3's training step 24 against 81 ms). In a process
+#: whose allocator has settled (after one array of a few MiB was freed) the NumPy paths win
+#: instead (W2 15 against 20, W3 25 against 35 ms); the kernels are the choice that is never far
+#: off.
 FUSED_FORWARD = _TANH_KERNEL
 
 
