@@ -381,3 +381,53 @@ def test_chain_placed_cotangents_equal_plain_indexing(rng, dtype):
         )(x)
 
     assert _rel(mixed(new), mixed(old)) <= TOL[dtype]
+
+
+# -- emerging convolution: the masked convolution as one channel-major GEMM -----------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("c,k", [(3, 3), (2, 5)])
+def test_ar_conv_equals_per_sample_im2col(rng, dtype, c, k):
+    """``ar_conv`` (one channel-major convolution + the diagonal) against its previous formula
+    (per-sample im2col of slices, ``ar_conv_reference``): values, gradients in ``w``, ``d``,
+    ``x`` and a Hessian-vector product to rounding; float32 kept float32."""
+    from flowmath.kernels import emerging
+
+    x = rng.normal(size=(4, c, 5, 6)).astype(dtype)
+    w = (rng.normal(size=(c, c, k, k)) * 0.3).astype(dtype)
+    d = np.exp(rng.normal(size=c) * 0.3).astype(dtype)
+    wy = rng.normal(size=x.shape).astype(dtype)
+    y, y0 = emerging.ar_conv(w, d, x), emerging.ar_conv_reference(w, d, x)
+    assert y.dtype == dtype and _rel(y, y0) <= TOL[dtype]
+
+    def scalar(fn):
+        return lambda w_, d_, x_: anp.sum(anp.tanh(fn(w_, d_, x_)) * wy)
+
+    new, old = scalar(emerging.ar_conv), scalar(emerging.ar_conv_reference)
+    g_new = autograd.grad(new, (0, 1, 2))(w, d, x)
+    g_old = autograd.grad(old, (0, 1, 2))(w, d, x)
+    for a, b in zip(g_new, g_old, strict=True):
+        assert a.dtype == dtype and a.flags.c_contiguous and _rel(a, b) <= TOL[dtype]
+    v = rng.normal(size=x.shape).astype(dtype)
+
+    def hvp(fn):
+        inner = lambda w_: anp.sum(autograd.grad(fn, 2)(w_, d, x) * v)  # noqa: E731
+        return autograd.grad(inner)(w)
+
+    assert _rel(hvp(new), hvp(old)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("c,o", [(3, 3), (6, 2)], ids=["im2col", "taps"])
+def test_conv2d_cm_equals_sliding_windows(rng, c, o):
+    """``conv2d_cm`` (both branches: im2col for ``o >= c``, taps for few output channels)
+    against the definition written with sliding windows of the zero-padded input."""
+    from flowmath.kernels.conv_cm import conv2d_cm, swap01
+
+    x = rng.normal(size=(3, c, 5, 4))
+    W = rng.normal(size=(o, c, 3, 3))
+    win = np.lib.stride_tricks.sliding_window_view(
+        np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3)
+    )
+    ref = np.einsum("ocuv,ncijuv->noij", W, win)
+    assert _rel(swap01(conv2d_cm(swap01(x), W)), ref) <= TOL[np.float64]

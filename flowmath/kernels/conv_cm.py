@@ -31,7 +31,7 @@ from autograd.extend import defvjp, defvjp_argnums, primitive
 from .. import nets
 from .._xp import array_namespace, getval
 
-__all__ = ["convnet_apply_cm", "swap01"]
+__all__ = ["conv2d_cm", "convnet_apply_cm", "swap01"]
 
 
 @primitive
@@ -185,6 +185,24 @@ def _conv_cm(a, W, b, act):
     padded = anp.reshape(_pad(a, r), (c, -1))
     y = _tap_sum(anp.matmul(Wt, padded), k, (o, n, h, w)) + anp.reshape(b, (o, 1, 1, 1))
     return _ACT_FN[act](y)
+
+
+def conv2d_cm(a, W):
+    """One ``'same'`` zero-padded ``k x k`` cross-correlation without bias in the channel-major
+    layout, :math:`y_{o,n,i,j} = \\sum_{c,u,v} W_{o,c,u,v}\\, a_{c,n,i+u-r,j+v-r}`: ``a``
+    ``(c, n, h, w)``, ``W`` ``(o, c, k, k)``; returns ``(o, n, h, w)``, one GEMM."""
+    o, c, k, _ = getval(W).shape
+    _, n, h, w = getval(a).shape
+    if k == 1:
+        return anp.reshape(
+            anp.matmul(anp.reshape(W, (o, c)), anp.reshape(a, (c, -1))), (o, n, h, w)
+        )
+    r = (k - 1) // 2
+    if c * h * w <= o * (h + 2 * r) * (w + 2 * r):  # im2col copies fewer rows
+        Wm = anp.reshape(anp.transpose(W, (0, 2, 3, 1)), (o, k * k * c))
+        return anp.reshape(anp.matmul(Wm, _im2col(a, k)), (o, n, h, w))
+    Wt = anp.reshape(anp.transpose(W, (2, 3, 0, 1)), (k * k * o, c))
+    return _tap_sum(anp.matmul(Wt, anp.reshape(_pad(a, r), (c, -1))), k, (o, n, h, w))
 
 
 _ACT_FN = {
