@@ -6,7 +6,7 @@ compared only within one process. The protocol these helpers implement:
 1. fix the thread counts: BLAS through :func:`thread_env_defaults` (before NumPy is imported),
    :func:`blas_threads` (after) or :func:`in_child_process` (a fresh interpreter); torch through
    :func:`import_baselines`, which also skips a missing baseline with a message;
-2. allocate and free ~32 MiB once (:func:`warm_allocator`), so every contender meets a settled
+2. allocate and free ~31 MiB once (:func:`warm_allocator`), so every contender meets a settled
    allocator;
 3. warm up, then time the contenders in alternation, A B A B ... (:func:`alternate`), each
    sample looped to last at least ``min_time`` when calls are short (:func:`calibrate`);
@@ -128,9 +128,17 @@ def import_baselines(
 # -- allocator --------------------------------------------------------------------------------
 
 
-def warm_allocator(mib: int = 32) -> None:
+def warm_allocator(mib: int = 31) -> None:
     """Allocate, touch and free ``mib`` MiB once (``docs/benchmarks.rst``): the allocator's state
-    moves timings by up to 3x, and this leaves it settled for every contender alike."""
+    moves timings by up to 3x, and this leaves it settled for every contender alike.
+
+    Why just under 32 MiB: glibc serves a block above its mmap threshold (128 KiB at start)
+    with a fresh mapping, and freeing such a block raises the threshold to the block's size
+    (and the trim threshold to twice that) only for blocks of at most 32 MiB. One freed
+    31 MiB block leaves arrays up to 31 MiB on the heap and up to 62 MiB of freed memory kept
+    for reuse. A 32 MiB block (plus its header) is over the limit and settles nothing: W5's
+    step then maps, faults in and unmaps ~14 000 fresh pages per call (~20 % of its time at
+    one thread), where the floor, reusing its few arrays, faults in none."""
     import numpy as np
 
     block = np.ones(mib * 2**20 // 8)

@@ -72,7 +72,18 @@ import numpy as np  # noqa: E402
 
 import flowmath as fm  # noqa: E402
 
-__all__ = ["WORKLOADS", "bench_glow_step", "bench_w5", "bench_w7", "glow", "main", "w5", "w7"]
+__all__ = [
+    "WORKLOADS",
+    "bench_convs",
+    "bench_glow_step",
+    "bench_w5",
+    "bench_w7",
+    "convs",
+    "glow",
+    "main",
+    "w5",
+    "w7",
+]
 
 NOTES: list[str] = []
 
@@ -651,6 +662,182 @@ def bench_glow_step(rounds: int = 7) -> dict:
     return result
 
 
+# -- image layers: periodic and emerging convolutions, ActNorm -----------------------------------
+
+CONV_SHAPE = (256, 12, 16, 16)
+
+
+def _floor_periodic(weight, x):
+    """PeriodicConv2d's forward and log-det as plain NumPy: the kernel scattered onto the
+    periodic grid and transformed, the **real** FFT of the batch (half the spectrum), one
+    batched ``(c, c)`` product per frequency, the inverse real FFT; the log-det from the
+    ``slogdet`` of the half spectrum's matrices, the conjugate-symmetric half counted twice
+    (``|det conj M| = |det M|``). No singularity check."""
+    n, c, h, w = x.shape
+    k = weight.shape[2]
+    p = k // 2
+    padded = np.zeros((c, c, h, w), weight.dtype)
+    for a in range(k):
+        for b in range(k):
+            padded[:, :, (a - p) % h, (b - p) % w] += weight[:, :, a, b]
+    nf = w // 2 + 1
+    twice = np.full(nf, 2.0)
+    twice[0] = 1.0
+    if w % 2 == 0:
+        twice[-1] = 1.0
+
+    def run():
+        mats = np.conj(np.fft.rfft2(padded)).transpose(2, 3, 0, 1)  # (h, nf, c, c)
+        logdet = float((np.linalg.slogdet(mats)[1] * twice).sum())
+        xhat = np.fft.rfft2(x).reshape(n, c, h * nf).transpose(2, 1, 0)  # (h nf, c, n)
+        yhat = np.matmul(mats.reshape(h * nf, c, c), xhat)
+        y = np.fft.irfft2(yhat.transpose(2, 1, 0).reshape(n, c, h, nf), s=(h, w))
+        return y.astype(x.dtype, copy=False), np.full(n, logdet, dtype=x.dtype)
+
+    return run
+
+
+def _floor_emerging(params, x):
+    """EmergingConv2d's forward as plain NumPy: in the channel-major layout, each masked
+    ``3 x 3`` convolution one im2col GEMM plus the diagonal ``d x``, the order reversal between
+    them a strided view; the log-det ``h w sum(log d1 + log d2)``."""
+    from flowmath.kernels.emerging import ar_mask
+
+    n, c, h, w = x.shape
+    k = params["w1"].shape[2]
+    mask = ar_mask(c, k, np.float32)
+    Wms = [(params[f"w{i}"] * mask).transpose(0, 2, 3, 1).reshape(c, k * k * c) for i in (1, 2)]
+    ds = [np.exp(params[f"log_d{i}"])[:, None] for i in (1, 2)]
+    ld = np.full(n, h * w * float(params["log_d1"].sum() + params["log_d2"].sum()), x.dtype)
+
+    def run():
+        a = np.ascontiguousarray(x.transpose(1, 0, 2, 3))  # (c, n, h, w)
+        y1 = _conv_cols(a, Wms[0])[0]
+        y1 += ds[0] * a.reshape(c, -1)
+        r = y1.reshape(c, n, h, w)[::-1, :, ::-1, ::-1]  # R: channels and pixels reversed
+        y2 = _conv_cols(r, Wms[1])[0]
+        y2 += ds[1] * r.reshape(c, -1)
+        y = y2.reshape(c, n, h, w)[::-1, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(y), ld
+
+    return run
+
+
+def _floor_actnorm(params, x):
+    """ActNorm's forward as plain NumPy: ``(x - loc) e^{log_scale}`` in two passes, log-det
+    ``h w sum(log_scale)``."""
+    n, _, h, w = x.shape
+    loc, e = params["loc"], np.exp(params["log_scale"])
+    ld = np.full(n, h * w * float(params["log_scale"].sum()), x.dtype)
+
+    def run():
+        y = x - loc
+        y *= e
+        return y, ld
+
+    return run
+
+
+def _torch_convs(torch, pp, pe, pa, x):
+    """torch twins: the periodic convolution through ``torch.fft`` (real FFT, per-frequency
+    products, same log-det), the emerging one as two masked ``conv2d`` with flips, ActNorm."""
+    F = torch.nn.functional
+    from flowmath.kernels.emerging import ar_mask
+
+    n, c, h, w = x.shape
+    xt = torch.from_numpy(x)
+    weight = torch.from_numpy(pp["weight"])
+    k = pp["weight"].shape[2]
+    p = k // 2
+    nf = w // 2 + 1
+    twice = torch.full((nf,), 2.0)
+    twice[0] = 1.0
+    if w % 2 == 0:
+        twice[-1] = 1.0
+
+    def periodic():
+        with torch.no_grad():
+            padded = torch.zeros(c, c, h, w)
+            for a in range(k):
+                for b in range(k):
+                    padded[:, :, (a - p) % h, (b - p) % w] += weight[:, :, a, b]
+            mats = torch.conj(torch.fft.rfft2(padded)).permute(2, 3, 0, 1)
+            logdet = (torch.linalg.slogdet(mats)[1] * twice).sum()
+            xhat = torch.fft.rfft2(xt).reshape(n, c, h * nf).permute(2, 1, 0)
+            yhat = torch.matmul(mats.reshape(h * nf, c, c), xhat)
+            y = torch.fft.irfft2(yhat.permute(2, 1, 0).reshape(n, c, h, nf), s=(h, w))
+            return y, logdet * torch.ones(n)
+
+    mask = torch.from_numpy(ar_mask(c, k, np.float32))
+    w1, w2 = (torch.from_numpy(pe[f"w{i}"]) * mask for i in (1, 2))
+    d1, d2 = (torch.exp(torch.from_numpy(pe[f"log_d{i}"])).view(1, c, 1, 1) for i in (1, 2))
+    ld_e = h * w * float(pe["log_d1"].sum() + pe["log_d2"].sum())
+
+    def emerging():
+        with torch.no_grad():
+            z = F.conv2d(xt, w1, padding=p) + d1 * xt
+            r = torch.flip(z, dims=(1, 2, 3))
+            y = torch.flip(F.conv2d(r, w2, padding=p) + d2 * r, dims=(1, 2, 3))
+            return y, ld_e * torch.ones(n)
+
+    loc, ls = torch.from_numpy(pa["loc"]), torch.from_numpy(pa["log_scale"])
+    ld_a = h * w * float(pa["log_scale"].sum())
+
+    def actnorm():
+        with torch.no_grad():
+            return (xt - loc) * torch.exp(ls), ld_a * torch.ones(n)
+
+    return {"periodic": periodic, "emerging": emerging, "actnorm": actnorm}
+
+
+def bench_convs(rounds: int = 7) -> dict:
+    rng = np.random.default_rng(20261129)
+    x = rng.normal(size=CONV_SHAPE).astype(np.float32)
+    layers = {
+        "periodic": fm.PeriodicConv2d(),
+        "emerging": fm.EmergingConv2d(),
+        "actnorm": fm.ActNorm(),
+    }
+    params = {name: layer.init(rng, x) for name, layer in layers.items()}
+    floors = {
+        "periodic": _floor_periodic(params["periodic"]["weight"], x),
+        "emerging": _floor_emerging(params["emerging"], x),
+        "actnorm": _floor_actnorm(params["actnorm"], x),
+    }
+    torch = _torch()
+    twins = (
+        _torch_convs(torch, params["periodic"], params["emerging"], params["actnorm"], x)
+        if torch is not None
+        else {}
+    )
+    fns, result = {}, {}
+    for name, layer in layers.items():
+        fns[f"flowmath-{name}"] = lambda layer=layer, p=params[name]: layer.forward(p, x)
+        fns[f"floor-{name}"] = floors[name]
+        # the floor and the torch twin compute the same map: outputs and log-dets agree
+        y_fm, ld_fm = layer.forward(params[name], x)
+        if y_fm.dtype != np.float32 or ld_fm.dtype != np.float32:
+            _note(f"flowmath {name} output is {y_fm.dtype} / log-det {ld_fm.dtype}")
+        y_fl, ld_fl = floors[name]()
+        diffs = {
+            "y_rel_diff_vs_floor": float(np.abs(y_fm - y_fl).max() / np.abs(y_fl).max()),
+            "logdet_rel_diff_vs_floor": float(np.abs(ld_fm - ld_fl).max() / np.abs(ld_fl).max()),
+        }
+        if name in twins:
+            y_t, ld_t = (t.numpy() for t in twins[name]())
+            diffs["y_rel_diff_vs_torch"] = float(np.abs(y_fm - y_t).max() / np.abs(y_t).max())
+            _torch_threads(torch, twins[name], fns, f"torch-{name}")
+        result[name] = diffs
+    times = _alternate(fns, rounds)
+    for name in layers:
+        rows = {"flowmath": times[f"flowmath-{name}"], "floor": times[f"floor-{name}"]}
+        for k in ("1t", "2t"):
+            if f"torch-{name}-{k}" in times:
+                rows[f"torch-{k}"] = times[f"torch-{name}-{k}"]
+        result[name]["forward"] = _table(rows)
+    return result
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 
@@ -694,8 +881,23 @@ def glow(rounds: int = 7, threads: int = THREADS) -> dict:
     return out
 
 
+def convs(rounds: int = 7, threads: int = THREADS) -> dict:
+    """PeriodicConv2d, EmergingConv2d and ActNorm on 256 x 12 x 16 x 16: forward + log-det."""
+    out = bench_convs(rounds)
+    titles = {
+        "periodic": "PeriodicConv2d 3x3",
+        "emerging": "EmergingConv2d 3x3",
+        "actnorm": "ActNorm",
+    }
+    for name, title in titles.items():
+        _print_table(f"{title} 256x12x16x16 float32, forward + log-det", out[name]["forward"])
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in out[name].items() if k != "forward")
+        print(f"  {diffs}")
+    return out
+
+
 #: The workloads of this benchmark (``--only`` picks from these ids).
-WORKLOADS = {"W5": w5, "W7": w7, "glow": glow}
+WORKLOADS = {"W5": w5, "W7": w7, "glow": glow, "convs": convs}
 
 
 def main(argv=None) -> dict:
