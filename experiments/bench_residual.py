@@ -45,9 +45,10 @@ class TorchBlock:
     def __init__(self, torch, params, coeff):
         self.torch = torch
         t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731
-        self.W = [t(W) for W in params["W"]]
-        self.b = [t(b) for b in params["b"]]
-        self.u = [t(u) for u in params["u"]]
+        # torch's nn.Linear orientation: (fan_out, fan_in), the transpose of flowmath's W
+        self.W = [t(layer["W"].T) for layer in params]
+        self.b = [t(layer["b"]) for layer in params]
+        self.u = [t(layer["u"]) for layer in params]
         self.coeff = coeff
 
     def weights(self):
@@ -94,9 +95,9 @@ class TorchBlock:
 
 def _floor(params, coeff):
     """W6's arithmetic in plain NumPy (float32): ``(forward(x, probe), invert(y, L, n_iter))``."""
-    Ws = [np.asarray(W) for W in params["W"]]
-    bs = [np.asarray(b) for b in params["b"]]
-    us = [np.asarray(u) for u in params["u"]]
+    Ws = [np.ascontiguousarray(layer["W"].T) for layer in params]  # (fan_out, fan_in)
+    bs = [np.asarray(layer["b"]) for layer in params]
+    us = [np.asarray(layer["u"]) for layer in params]
 
     def weights():
         out = []
@@ -152,7 +153,7 @@ def w6(rounds: int = 5, threads: int = 2) -> dict:
         n_power_iterations=1,
     )
     params = block.init(rng, x)
-    t_cert, _ = clock(lambda: [certified_spectral_norm(W) for W in params["W"]])
+    t_cert, _ = clock(lambda: [certified_spectral_norm(layer["W"]) for layer in params])
     t_first, (y, _) = clock(lambda: block.forward(params, x, np.random.default_rng(1)))
     L = block.lipschitz_bound(params)
     _, info = block.invert(params, y, tol=TOL)
