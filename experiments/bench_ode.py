@@ -10,6 +10,9 @@ W2  gradient of sum(z(1)^2) with respect to z0 and all weights, same problem
     function; its gradients through ``autograd.make_vjp``) and on the fused built-in
     :class:`~flowmath.ode.dynamics.MLPDynamics` (hand-written VJP); every flowmath contender is
     reported as a multiple of every baseline's time (``fm/baseline``: below 1 is faster).
+    W1's floor rows time the solves' own evaluations of f bare (the 26 calls, recorded once, of
+    the user-written f and of scipy's NumPy f): their ratio to scipy's RK45 bounds what any
+    solver reaches at that step sequence.
 W3  one training step of a 2-D CNF: state [z, log p], exact divergence, the same MLP, batch 1024
     from 8gaussians, dopri5 rtol = atol = 1e-5, loss -mean log-likelihood under N(0, I)
     (torch + ``torchdiffeq.odeint_adjoint``, FFJORD-style).
@@ -168,16 +171,20 @@ def compare(contenders: dict, rounds: int) -> dict:
 def compare_all(contenders: dict, rounds: int) -> dict:
     """Warm up, then time every contender once per round, all in one alternating sequence
     (mirrored on odd rounds); for every flowmath contender (name starting with "flowmath")
-    and every baseline, the median per-round ratio flowmath time / baseline time."""
+    and every baseline, the median per-round ratio flowmath time / baseline time. Floor rows
+    (name starting with "floor") get their ratios to the baselines, and every flowmath row its
+    ratio to each floor."""
     names = list(contenders)
     infos = {name: clock(contenders[name])[1] for name in names}
     times = alternate(contenders, rounds, warmup=0, mirror=True)
-    ours = [n for n in names if n.startswith("flowmath")]
+    # floor rows (names starting with "floor") are reported against the baselines like
+    # flowmath's, and every flowmath row against them too
+    floors = [n for n in names if n.startswith("floor")]
+    ours = [n for n in names if n.startswith("flowmath")] + floors
     out = {name: {"ms": median_ms(times[name]), "info": infos[name]} for name in names}
     for name in ours:
-        out[name]["fm/baseline"] = {
-            b: median_ratio(times[name], times[b]) for b in names if b not in ours
-        }
+        refs = [b for b in names if b not in ours] + (floors if name not in floors else [])
+        out[name]["fm/baseline"] = {b: median_ratio(times[name], times[b]) for b in refs}
     return out
 
 
@@ -235,9 +242,43 @@ def w1(rounds, torch, tdq):
         )
         return f"nfe={sol.nfev}"
 
+    # The floor: the evaluations of f that the solves make (recorded once), with nothing around
+    # them. At scipy's step sequence (flowmath's dopri5 makes the same 26) no solver is faster.
+    user_calls, scipy_calls = [], []
+
+    def user_rec(s, z, q):
+        user_calls.append((s, np.array(z)))
+        return user_mlp(s, z, q)
+
+    def scipy_rec(s, y):
+        scipy_calls.append((s, y.copy()))
+        return f(s, y.reshape(1024, 2)).ravel()
+
+    fm.ode.solve(user_rec, z0, t, p, rtol=RTOL, atol=ATOL)
+    solve_ivp(
+        scipy_rec,
+        (0.0, 1.0),
+        z0.ravel(),
+        method="RK45",
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+    def floor_user():
+        for s, z in user_calls:
+            user_mlp(s, z, p)
+        return f"{len(user_calls)} calls"
+
+    def floor_scipy():
+        for s, y in scipy_calls:
+            f(s, y.reshape(1024, 2)).ravel()
+        return f"{len(scipy_calls)} calls"
+
     contenders = {
         "flowmath dopri5 (user-written f)": make_fm(user_mlp),
         "flowmath dopri5 (fused MLPDynamics)": make_fm(field),
+        "floor: the user-written f, bare": floor_user,
+        "floor: scipy's NumPy f, bare": floor_scipy,
         "scipy solve_ivp RK45": scipy_rk45,
     }
     if torch is not None:
