@@ -156,7 +156,7 @@ def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
     assert not dynamics._fusable(fld, rng.normal(size=(3, 17)), params)
 
 
-def test_fused_kernels_propagate_non_finite_values():
+def test_fused_kernels_propagate_non_finite_values(tanh_path):
     """No fast-math assumption about NaN/inf: a non-finite state reaches the solver's check."""
     from flowmath.kernels import cnf_mlp1
 

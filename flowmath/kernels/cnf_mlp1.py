@@ -20,11 +20,16 @@ gradients back to the layer parameters). The reference twins are the generic Num
 (tests compare them to 1e-13), whose ``__call__`` is differentiated by autograd; these kernels
 are used only on plain float64 NumPy arrays.
 
-Their tanh is the scalar formula of :mod:`flowmath.kernels.cnf_tanh` (one ``exp`` per value).
-Where NumPy has a SIMD tanh, BLAS plus ``numpy.tanh`` beats :func:`mlp1_forward`, so the field's
-forward does not use it there (``flowmath.ode.dynamics.FUSED_FORWARD``, decided per machine from
-NumPy's dispatch); :func:`mlp1_vjp` and the CNF kernels stay faster than the NumPy paths, which
-make extra passes over ``(n, H)`` arrays for the derivatives and the divergence.
+**Where NumPy has a SIMD tanh** (``flowmath.kernels.cnf_tanh.USE_KERNEL`` false, decided per
+machine from NumPy's dispatch), :func:`mlp1_vjp`, :func:`cnf1_forward` and :func:`cnf1_vjp` take
+the activations ``h = tanh(z W_0 + b_0)`` from one BLAS product and NumPy's tanh (in place: one
+``(n, H)`` array) and fuse the rest row by row; elsewhere they compute ``h`` themselves with the
+scalar formula of :mod:`flowmath.kernels.cnf_tanh`. Measured on an AVX-512 EPYC, alternating
+in one process (1 thread): W2's gradient 12.4 ms (hybrid) against 14.5 (the NumPy VJP) and 23.8
+(the all-numba kernel), W3's CNF training step 16.1 against 22.9 and 29.2; with glibc's
+allocator unsettled (the NumPy paths then fault their temporaries back in on every call) 12.7
+against 31.5 and 24.4, 15.9 against 83.8 and 24.7. :func:`mlp1_forward` keeps its scalar tanh
+and is not used there (``flowmath.ode.dynamics.FUSED_FORWARD``): the NumPy forward is as fast.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import math
 
 import numba
 import numpy as np
+
+from . import cnf_tanh as _cnf_tanh
 
 __all__ = ["cnf1_forward", "cnf1_vjp", "mlp1_forward", "mlp1_vjp"]
 
@@ -165,6 +172,66 @@ def _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
         _hidden_vjp(z, r, W0, gbuf, gz, gW0)
 
 
+# -- the same kernels with the activations h = tanh(z W0 + b0) given (computed by BLAS and
+# NumPy's SIMD tanh where it has one: flowmath.kernels.cnf_tanh.USE_KERNEL false)
+@numba.njit(cache=True, fastmath=_FM)
+def _mlp1_vjp_h(z, h, a, W0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1):
+    H = W0.shape[1]
+    gbuf = np.empty(H)
+    for r in range(z.shape[0]):
+        hr = h[r]
+        _output_vjp(hr, a, r, W1T, b1, f, gbuf, gW1T, gb1)
+        for k in range(H):
+            gp = gbuf[k] * (1.0 - hr[k] * hr[k])
+            gbuf[k] = gp
+            gb0[k] += gp
+        _hidden_vjp(z, r, W0, gbuf, gz, gW0)
+
+
+@numba.njit(cache=True, fastmath=_FM)
+def _cnf1_forward_h(h, W1T, b1, c, f, tr):
+    H = h.shape[1]
+    for r in range(h.shape[0]):
+        hr = h[r]
+        t = 0.0
+        for k in range(H):
+            t += (1.0 - hr[k] * hr[k]) * c[k]
+        tr[r] = t
+        _output(hr, r, W1T, b1, f)
+
+
+@numba.njit(cache=True, fastmath=_FM)
+def _cnf1_vjp_h(z, h, af, at, W0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc):
+    H = W0.shape[1]
+    gbuf = np.empty(H)
+    for r in range(z.shape[0]):
+        hr = h[r]
+        _output_vjp(hr, af, r, W1T, b1, f, gbuf, gW1T, gb1)
+        ar = at[r]
+        t = 0.0
+        for k in range(H):
+            hk = hr[k]
+            s = 1.0 - hk * hk
+            t += s * c[k]
+            gp = gbuf[k] * s - 2.0 * ar * c[k] * hk * s
+            gc[k] += s * ar
+            gbuf[k] = gp
+            gb0[k] += gp
+        tr[r] = t
+        _hidden_vjp(z, r, W0, gbuf, gz, gW0)
+
+
+def _activations(z, W0, b0):
+    """``tanh(z W0 + b0)``, shape ``(n, H)``, by BLAS and NumPy's tanh (in place: one array)."""
+    pre = z @ W0
+    pre += b0
+    return np.tanh(pre, out=pre)
+
+
+def _numpy_tanh() -> bool:
+    return not _cnf_tanh.USE_KERNEL
+
+
 def _c(x):
     return np.ascontiguousarray(x, dtype=np.float64)
 
@@ -225,7 +292,11 @@ def mlp1_vjp(z, a, W0, b0, W1, b1):
         np.zeros_like(W1T),
         np.zeros_like(b1),
     )
-    _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1)
+    if _numpy_tanh():
+        h = _activations(z, W0, b0)
+        _mlp1_vjp_h(z, h, a, W0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1)
+    else:
+        _mlp1_vjp(z, a, W0, b0, W1T, b1, f, gz, gW0, gb0, gW1T, gb1)
     return f, gz, gW0, gb0, gW1T.T, gb1
 
 
@@ -235,7 +306,10 @@ def cnf1_forward(z, W0, b0, W1, b1):
     c = np.sum(W0 * W1T, axis=0)
     f = np.empty_like(z)
     tr = np.empty(z.shape[0])
-    _cnf1_forward(z, W0, b0, W1T, b1, c, f, tr)
+    if _numpy_tanh():
+        _cnf1_forward_h(_activations(z, W0, b0), W1T, b1, c, f, tr)
+    else:
+        _cnf1_forward(z, W0, b0, W1T, b1, c, f, tr)
     return f, tr
 
 
@@ -254,7 +328,11 @@ def cnf1_vjp(z, af, at, W0, b0, W1, b1):
         np.zeros_like(b1),
         np.zeros_like(c),
     )
-    _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
+    if _numpy_tanh():
+        h = _activations(z, W0, b0)
+        _cnf1_vjp_h(z, h, af, at, W0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
+    else:
+        _cnf1_vjp(z, af, at, W0, b0, W1T, b1, c, f, tr, gz, gW0, gb0, gW1T, gb1, gc)
     gW0 += gc[None, :] * W1T
     gW1 = gW1T.T + gc[:, None] * W0.T
     return f, tr, gz, gW0, gb0, gW1, gb1

@@ -62,16 +62,13 @@ ACTIVATIONS = ("tanh", "softplus")
 #: compare both paths).
 FUSED_MAX_DIM = 16
 
-#: Whether ``MLPDynamics.__call__`` uses the row-wise kernel too. It evaluates tanh by a scalar
-#: ``exp`` per value, so where NumPy has a SIMD tanh (``flowmath.kernels.cnf_tanh.USE_KERNEL``
-#: false) BLAS plus ``numpy.tanh`` is faster (W1, alternating in one process on an AVX-512 EPYC:
-#: 6-8 ms against 11-12 ms). The VJP and both CNF kernels stay on: the NumPy paths make several
-#: ``(n, H)`` temporaries per call, and in glibc's default allocator state those pages go back to
-#: the OS and fault in again on every call (480 minor faults per CNF divergence call measured):
-#: then the kernels win (W2 17 against 30 ms, W3's training step 24 against 81 ms). In a process
-#: whose allocator has settled (after one array of a few MiB was freed) the NumPy paths win
-#: instead (W2 15 against 20, W3 25 against 35 ms); the kernels are the choice that is never far
-#: off.
+#: Whether ``MLPDynamics.__call__`` uses the row-wise kernel too. That kernel evaluates tanh
+#: by a scalar ``exp`` per value, so where NumPy has a SIMD tanh
+#: (``flowmath.kernels.cnf_tanh.USE_KERNEL`` false) BLAS plus ``numpy.tanh`` is faster (W1,
+#: alternating in one process on an AVX-512 EPYC: 8 ms against 17 ms). The VJP and both CNF
+#: kernels stay on there: they take the activations from BLAS and NumPy's tanh and fuse the
+#: derivatives and the divergence, which the NumPy paths compute in extra passes over ``(n, H)``
+#: arrays (see :mod:`flowmath.kernels.cnf_mlp1`).
 FUSED_FORWARD = _TANH_KERNEL
 
 
