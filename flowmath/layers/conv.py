@@ -26,7 +26,7 @@ import scipy.linalg.lapack
 from autograd.scipy.linalg import solve_triangular
 
 from .._checks import check_bool, check_int
-from .._xp import array_namespace, getval, to_numpy
+from .._xp import array_namespace, getval, is_box, to_numpy
 from ..kernels.emerging import ar_conv, ar_mask, ar_solve, reverse_order
 from .base import IMAGE, Bijection, Leaf
 
@@ -407,7 +407,9 @@ class PeriodicConv2d(Bijection):
     def _checked_logdet(self, mats, dtype):
         """``sum log|det M(u, v)|``, after checking every ``M(u, v)`` is non-singular."""
         raw = to_numpy(mats)
-        sv = np.linalg.svd(raw, compute_uv=False)  # (h, w, c)
+        # M(-u, -v) = conj M(u, v) (real kernel): the same singular values, so the columns
+        # v <= w/2 hold every distinct one
+        sv = np.linalg.svd(raw[:, : raw.shape[1] // 2 + 1], compute_uv=False)  # (h, w/2+1, c)
         smax = float(sv[..., 0].max())
         rcond = sv[..., -1] / smax if smax > 0 else np.zeros(sv.shape[:-1])
         threshold = _rcond_threshold(dtype)
@@ -422,12 +424,33 @@ class PeriodicConv2d(Bijection):
         xp = array_namespace(mats)
         return xp.sum(xp.linalg.slogdet(mats)[1])
 
+    @staticmethod
+    def _real_path(params, x, xp) -> bool:
+        """Plain NumPy arrays (nothing traced): the real-FFT path of :meth:`_apply`."""
+        return xp is np and not is_box(params) and not is_box(x) and not is_box(params["weight"])
+
+    def _apply(self, mats, x, inverse):
+        """``y^(u, v) = M(u, v) x^(u, v)`` (or the solve, ``inverse``) on the half spectrum of the
+        real FFT: ``x`` real makes ``x^`` conjugate-symmetric, and ``M(-u, -v) = conj M(u, v)``
+        (the kernel is real), so ``y^`` is too and ``y = irfft2`` of its columns ``v <= w/2``:
+        half the transforms, products and solves of the full complex FFT. Plain NumPy only
+        (autograd's real-FFT VJPs need even sizes and compute in float64)."""
+        n, c, h, w = x.shape
+        nf = w // 2 + 1
+        half = np.ascontiguousarray(mats[:, :nf]).reshape(h * nf, c, c)
+        xhat = np.fft.rfft2(x).reshape(n, c, h * nf).transpose(2, 1, 0)  # (h nf, c, n)
+        yhat = np.linalg.solve(half, xhat) if inverse else np.matmul(half, xhat)
+        y = np.fft.irfft2(yhat.transpose(2, 1, 0).reshape(n, c, h, nf), s=(h, w))
+        return y.astype(x.dtype, copy=False)
+
     def _forward(self, params, x, rng):
         xp = array_namespace(params, x)
         n, c, h, w = x.shape
         dtype = getval(x).dtype
         mats = self.fourier_matrices(params, h, w)
         logdet = self._checked_logdet(mats, dtype)
+        if self._real_path(params, x, xp):
+            return self._apply(mats, x, False), _logdet_vector(logdet.astype(dtype), x)
         xhat = xp.transpose(xp.reshape(xp.fft.fft2(x), (n, c, h * w)), (2, 1, 0))  # (hw, c, n)
         yhat = xp.matmul(xp.reshape(mats, (h * w, c, c)), xhat)
         yhat = xp.reshape(xp.transpose(yhat, (2, 1, 0)), (n, c, h, w))
@@ -440,6 +463,8 @@ class PeriodicConv2d(Bijection):
         dtype = getval(y).dtype
         mats = self.fourier_matrices(params, h, w)
         logdet = self._checked_logdet(mats, dtype)
+        if self._real_path(params, y, xp):
+            return self._apply(mats, y, True), -_logdet_vector(logdet.astype(dtype), y)
         yhat = xp.transpose(xp.reshape(xp.fft.fft2(y), (n, c, h * w)), (2, 1, 0))  # (hw, c, n)
         xhat = xp.linalg.solve(xp.reshape(mats, (h * w, c, c)), yhat)
         xhat = xp.reshape(xp.transpose(xhat, (2, 1, 0)), (n, c, h, w))
