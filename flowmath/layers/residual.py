@@ -310,12 +310,13 @@ def _mlp_vjp(V, Ws, pre, act):
     return h
 
 
-def _mlp_vjp_slopes(V, Ws, slopes):
-    """:func:`_mlp_vjp` with the slopes ``phi'(a_i)`` precomputed."""
-    xp = array_namespace(V, Ws, slopes)
-    h = xp.dot(V, Ws[-1].T)
-    for W, s in zip(reversed(Ws[:-1]), reversed(slopes), strict=True):
-        h = xp.dot(h * s, W.T)
+def _mlp_vjp_slopes(V, WTs, slopes):
+    """:func:`_mlp_vjp` with the slopes ``phi'(a_i)`` precomputed and the transposed weights
+    ``W_i^T`` given."""
+    xp = array_namespace(V, WTs, slopes)
+    h = xp.dot(V, WTs[-1])
+    for WT, s in zip(reversed(WTs[:-1]), reversed(slopes), strict=True):
+        h = xp.dot(h * s, WT)
     return h
 
 
@@ -698,12 +699,16 @@ class IResBlock(Bijection):
                 return ld * xp.ones(n, dtype=dtype)
             return estimators.exact_logdet(_mlp_jacobian(Wn, pre, self.activation))
 
-        # phi'(a) once for all terms (not once per vjp call)
+        # phi'(a) once for all terms (not once per vjp call); every term multiplies by each
+        # W^T, so plain NumPy weights are transposed into contiguous copies once (W6: the
+        # row-major products are 3-8 % faster than on the transposed views, the copies cost
+        # 1.4 ms per weight against ~11 ms per product)
         dphi = _ACT[self.activation].derivative
         slopes = [dphi(a) for a in pre]
+        WTs = [np.ascontiguousarray(W.T) if type(W) is np.ndarray else W.T for W in Wn]
 
         def vjp(V):
-            return _mlp_vjp_slopes(V, Wn, slopes)
+            return _mlp_vjp_slopes(V, WTs, slopes)
 
         if self.logdet == "series":
             return estimators.power_series_logdet(
