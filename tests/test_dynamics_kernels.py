@@ -60,7 +60,10 @@ def test_numpy_path_is_the_reference_bitwise(monkeypatch):
 def test_choice_follows_numpys_dispatch():
     """The default is decided by NumPy's CPU dispatch, not a timing: on x86-64 NumPy's SIMD tanh
     needs AVX2 + FMA3 (X86_V3) or AVX-512, so the kernel is the default exactly without them."""
-    from numpy._core._multiarray_umath import __cpu_features__ as features
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
 
     simd = cnf_tanh.numpy_has_simd_tanh()
     assert simd is True or simd is False
