@@ -137,6 +137,37 @@ def test_order_registry_covers_every_tableau():
     assert set(ORDER_STEPS) == set(TABLEAUX) | {"heun-euler"}
 
 
+def test_hermite_dense_output_is_exact_where_the_method_is():
+    """A tableau without a continuous extension gets the cubic Hermite interpolant of the step
+    ends and slopes.  On y' = 2t + 1 Heun's method is the trapezoid rule, exact for a linear
+    slope, and the cubic Hermite interpolant reproduces y = t^2 + t + 1 exactly, so sol(t) at
+    57 points inside the steps must equal it to rounding (measured 8.9e-16; bound 1e-13).  A
+    basis function off by 0.1 % leaves an error of order 1e-4 here."""
+    fixed = _fixed_copy(HEUN_EULER, dense=False)
+    span = np.array([0.0, 2.0])
+    sol = fm.ode.solve(
+        lambda t, y, p: 2 * t + 1 + 0 * y, np.array([1.0]), span, None,
+        method=fixed, step_size=0.25, dense_output=True,
+    )  # fmt: skip
+    tt = np.linspace(0.01, 1.99, 57)
+    np.testing.assert_allclose(sol(tt)[:, 0], tt**2 + tt + 1, rtol=0, atol=1e-13)
+
+
+def test_event_time_is_the_root_of_the_dense_output_to_rounding():
+    """With the default xtol the located time is a zero of g on the continuous extension to a
+    few ulp: |g(t_e, sol(t_e))| <= 1e-14 (measured 0), and t_e = ln 2 / k to the
+    solution's accuracy at rtol 1e-12 (measured 5.9e-14; bound 1e-11)."""
+    p = PROBLEMS["exponential"]
+    half = fm.ode.Event(lambda t, y, k: y[0] - 0.5, terminal=False, direction=-1)
+    sol = fm.ode.solve(
+        p.f, p.y0, p.t, p.params, events=half, dense_output=True, rtol=1e-12, atol=1e-14
+    )
+    (te,) = sol.t_events[0]
+    assert abs(sol(te)[0] - 0.5) <= 1e-14
+    assert abs(sol.y_events[0][0][0] - 0.5) <= 1e-14
+    assert abs(te - np.log(2.0) / p.params) < 1e-11
+
+
 @pytest.mark.parametrize("name", sorted(ORDER_STEPS))
 def test_order_on_a_nonlinear_problem(name):
     """Slope of log(error) against log(h) with fixed steps on y' = -y^2 / 2 over [0, 2]
