@@ -18,6 +18,7 @@ linalg.svd (b, m, n), k = min          b 4 max(m, n) k^2
 solve_triangular (n, n), (n, k)        n^2 k
 getrf (n, n) / gecon                   2/3 n^3 / 2 n^2
 fft2 / ifft2 over (h, w), batch b      5 b hw log2(hw)
+rfft2 / irfft2 (real, half spectrum)   2.5 b hw log2(hw)
 emerging ar_conv / ar_solve            2 n c^2 k^2 hw / n c^2 k^2 hw (the kernel's loops)
 elementwise / reductions               the size of the largest argument or result
 =====================================  ==========================================
@@ -138,6 +139,18 @@ def _fft2(a, *_, **__):
     return 5.0 * math.prod(s[:-2]) * hw * max(math.log2(hw), 1.0)
 
 
+def _rfft2(a, *_, **__):
+    s = _shape(a)
+    hw = s[-1] * s[-2]
+    return 2.5 * math.prod(s[:-2]) * hw * max(math.log2(hw), 1.0)
+
+
+def _irfft2(a, s=None, *_, **__):
+    shape = _shape(a)
+    h, w = s if s is not None else (shape[-2], 2 * (shape[-1] - 1))
+    return 2.5 * math.prod(shape[:-2]) * h * w * max(math.log2(h * w), 1.0)
+
+
 def _elementwise(*args, **kwargs):
     sizes = [_size(a) for a in args if hasattr(getattr(a, "_value", a), "shape")]
     return float(max(sizes, default=1))
@@ -155,6 +168,8 @@ MODEL = {
     "linalg.svd": _svd,
     "fft.fft2": _fft2,
     "fft.ifft2": _fft2,
+    "fft.rfft2": _rfft2,
+    "fft.irfft2": _irfft2,
 }
 ELEMENTWISE = frozenset(
     "exp log log1p expm1 abs sqrt sign sum prod real conj tril triu diag diagonal maximum "
