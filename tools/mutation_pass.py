@@ -45,6 +45,7 @@ REF = "tests/test_references.py"
 EL = "tests/test_estimators_logdet.py"
 ET = "tests/test_estimators_trace.py"
 CNF = "tests/test_cnf.py"
+ODE = ("tests/test_ode.py", "tests/test_ode_registry.py", "tests/test_ode_adjoint.py")
 
 _SERIES = "            return estimators.power_series_logdet("
 _ROUL = "            dtype=dtype,\n        ).logdet"
@@ -605,6 +606,73 @@ MUTATIONS += [
         "scale = self.clip_norm / norm",
         "scale = 0.99 * self.clip_norm / norm",
         ("tests/test_train.py",),
+    ),
+    # -- fifth round: the ODE solver's dense output, events, forced boundaries, max_step --------
+    Mutation(
+        "Hermite dense output: the end-slope weight 0.1 % off (w(1) = b kept)",
+        "flowmath/ode/tableau.py",
+        "dense[fsal_last] += [0.0, -1.0, 1.0]",
+        "dense[fsal_last] += [0.0, -1.001, 1.001]",
+        ODE,
+    ),
+    Mutation(
+        "tsit5 continuous extension: one factor's root 0.1 % off (w(1) = b kept)",
+        "flowmath/ode/tableau.py",
+        "(2.5, [th2, [-1.0, 1.0], [-0.6, 1.0]]),",
+        "(2.5, [th2, [-1.0, 1.0], [-0.601, 1.0]]),",
+        ODE,
+    ),
+    Mutation(
+        "cubic Hermite of the solution object: h11 0.1 % off",
+        "flowmath/ode/solution.py",
+        "h11 = theta * theta * (theta - 1)",
+        "h11 = theta * theta * (theta - 1.001)",
+        ODE,
+    ),
+    # Loosening the default to 1e-8 of the step (or a user's xtol 1000x) is not observable:
+    # Brent's method converges superlinearly and lands on the zero to rounding anyway (measured:
+    # |g(t_e, sol(t_e))| = 0 with both), so the mutant that can be caught is a coarse one.
+    Mutation(
+        "events located to 1e-4 of the step by default instead of 4 eps",
+        "flowmath/ode/loop.py",
+        "xtol = max(ev.xtol / abs(h), 4 * np.finfo(float).eps)",
+        "xtol = max(ev.xtol / abs(h), 1e-4)",
+        ODE,
+    ),
+    Mutation(
+        "events with direction 0 miss downward crossings",
+        "flowmath/ode/loop.py",
+        "if not ((up and ev.direction >= 0) or (down and ev.direction <= 0)):",
+        "if not ((up and ev.direction >= 0) or (down and ev.direction < 0)):",
+        ODE,
+    ),
+    Mutation(
+        "max_step exceeded by 50 %",
+        "flowmath/ode/loop.py",
+        "if h_abs > max_step:\n            h_abs = max_step",
+        "if h_abs > 1.5 * max_step:\n            h_abs = 1.5 * max_step",
+        ODE,
+    ),
+    Mutation(
+        "forced step boundaries (jump_t) ignored",
+        "flowmath/ode/loop.py",
+        "t_new = stops[j_next]  # a forced step boundary",
+        "pass  # a forced step boundary",
+        ODE,
+    ),
+    Mutation(
+        "error norm divided by m + 1 (a looser controller)",
+        "flowmath/ode/loop.py",
+        "err_norm = math.sqrt(float(q @ q) / m) if m else 0.0",
+        "err_norm = math.sqrt(float(q @ q) / (m + 1)) if m else 0.0",
+        ODE + (REF,),
+    ),
+    Mutation(
+        "event-time gradient 0.1 % off",
+        "flowmath/ode/adjoint.py",
+        "return -g_y / rate, [None if x is None else -x / rate for x in g_leaves], f_e",
+        "return -g_y / (1.001 * rate), [None if x is None else -x / rate for x in g_leaves], f_e",
+        ODE,
     ),
 ]
 
