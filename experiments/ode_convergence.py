@@ -8,17 +8,23 @@ Two problems with trusted references:
   benchmark (d = 2, hidden 16, a batch of 8 states), reference from
   :func:`scipy.integrate.solve_ivp` (DOP853, rtol = atol = 1e-13).
 
-Fixed steps: Euler, RK4 and the 5th-order propagator of Dormand-Prince (the DOPRI5 weights ``b``
-on a uniform grid, no error control) at steps ``h = 2^-k`` (for DOPRI5 from ``h = 1/8``: its
-6th-order error terms are small by design, so coarser steps look pre-asymptotically steeper);
-the empirical order is the slope of ``log(max error)`` against ``log h`` by least squares
-(theory: 1, 4, 5).  Adaptive: DOPRI5 at
-tolerances ``rtol = atol = 10^-k``; the slope of ``log error`` against ``log NFE`` (theory:
-``-5`` once asymptotic) and against ``log tol`` (an elementary controller aims at error ~ tol).
+Fixed steps: Euler, RK4 and the propagators of the three embedded pairs -- Bogacki-Shampine
+3(2), Dormand-Prince 5(4) and Tsitouras 5(4), their weights ``b`` on a uniform grid, no error
+control -- at steps ``h = 2^-k`` (for the two 5th-order pairs from ``h = 1/8``: their
+5th-order error coefficients are small by design, so at coarser steps the 6th-order terms
+dominate and the slope looks steeper; Tsitouras's local slope falls from 5.3 to 5.0 between
+``h = 1/8`` and ``1/32``); the empirical order is the slope of ``log(max error)`` against
+``log h`` by least squares over the errors above ``1e-13`` (theory: 1, 3, 4, 5, 5).
+Adaptive: DOPRI5 at tolerances ``rtol = atol = 10^-k``; the slope of ``log error`` against
+``log NFE`` (theory: ``-5`` once asymptotic) and against ``log tol`` (an elementary controller
+aims at error ~ tol).
 
 References
 ----------
 Dormand, Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6.
+Bogacki, Shampine (1989), "A 3(2) pair of Runge-Kutta formulas", Appl. Math. Lett. 2(4).
+Tsitouras (2011), "Runge-Kutta pairs of order 5(4) satisfying only the first column
+simplifying assumption", Comput. Math. Appl. 62(2).
 Hairer, Norsett, Wanner (1993), *Solving Ordinary Differential Equations I*, Sec. II.4.
 """
 
@@ -31,19 +37,21 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 
 from experiments._common import fit_slope, setup_matplotlib, tex_table
-from flowmath.ode import DOPRI5, ButcherTableau, solve
+from flowmath.ode import BOSH3, DOPRI5, TSIT5, ButcherTableau, solve
 from flowmath.ode.solve import integrate
 
 __all__ = ["Config", "plot", "run", "tex"]
 
-THEORY = {"euler": 1, "rk4": 4, "dopri5 (fixed)": 5}
+THEORY = {"euler": 1, "bosh3 (fixed)": 3, "rk4": 4, "dopri5 (fixed)": 5, "tsit5 (fixed)": 5}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     euler_steps: tuple = (5, 6, 7, 8, 9, 10, 11, 12)  # h = 2^-k
+    bosh3_steps: tuple = (3, 4, 5, 6, 7, 8)
     rk4_steps: tuple = (2, 3, 4, 5, 6, 7)
     dopri5_steps: tuple = (3, 4, 5, 6)  # below h = 1/8 the errors hit rounding (~1e-13)
+    tsit5_steps: tuple = (3, 4, 5, 6)  # pre-asymptotic above h = 1/8 (slope 5.3-5.8 there)
     tolerances: tuple = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11)
     t1: float = 1.0
     seed: int = 0
@@ -52,14 +60,19 @@ class Config:
     def quick(cls) -> Config:
         return cls(
             euler_steps=(5, 6, 7, 8, 9),
+            bosh3_steps=(3, 4, 5, 6, 7),
             rk4_steps=(2, 3, 4, 5, 6),
             dopri5_steps=(3, 4, 5, 6),
+            tsit5_steps=(3, 4, 5, 6),
             tolerances=(1e-3, 1e-5, 1e-7, 1e-9, 1e-11),
         )
 
 
 # The DOPRI5 propagator as a plain fixed-step tableau (its order conditions are re-checked).
 _DP5_FIXED = ButcherTableau(name="dopri5-fixed", c=DOPRI5.c, A=DOPRI5.A, b=DOPRI5.b, order=5)
+# the same for the other two embedded pairs, Bogacki-Shampine 3(2) and Tsitouras 5(4)
+_BS3_FIXED = ButcherTableau(name="bosh3-fixed", c=BOSH3.c, A=BOSH3.A, b=BOSH3.b, order=3)
+_TS5_FIXED = ButcherTableau(name="tsit5-fixed", c=TSIT5.c, A=TSIT5.A, b=TSIT5.b, order=5)
 
 
 def _problems(rng, t1):
@@ -124,8 +137,10 @@ def run(config: Config) -> dict:
 
     methods = {
         "euler": (EULER, config.euler_steps),
+        "bosh3 (fixed)": (_BS3_FIXED, config.bosh3_steps),
         "rk4": (RK4, config.rk4_steps),
         "dopri5 (fixed)": (_DP5_FIXED, config.dopri5_steps),
+        "tsit5 (fixed)": (_TS5_FIXED, config.tsit5_steps),
     }
     out = {"problems": {}}
     for pname, prob in probs.items():
@@ -179,8 +194,14 @@ def plot(results: dict, path) -> None:
     from matplotlib.ticker import NullFormatter
 
     probs = results["problems"]
-    fig, axes = plt.subplots(2, 2, figsize=(9.5, 7.2))
-    colors = {"euler": "C0", "rk4": "C1", "dopri5 (fixed)": "C2"}
+    fig, axes = plt.subplots(2, 2, figsize=(9.5, 8.8))
+    colors = {
+        "euler": "C0",
+        "bosh3 (fixed)": "C4",
+        "rk4": "C1",
+        "dopri5 (fixed)": "C2",
+        "tsit5 (fixed)": "C3",
+    }
     for row, (pname, res) in enumerate(probs.items()):
         ax = axes[row, 0]
         for mname, r in res["fixed"].items():
@@ -194,7 +215,8 @@ def plot(results: dict, path) -> None:
         ax.set_xlabel("step size h")
         ax.set_ylabel("max |error| at t1")
         ax.set_title(f"{pname}: fixed steps, error vs h")
-        ax.legend()
+        # below the axes: inside, five labels always cover some of the points
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7)
         ax = axes[row, 1]
         for mname, r in res["fixed"].items():
             ax.loglog(r["nfe"], r["error"], "o-", color=colors[mname], alpha=0.5, label=mname)
@@ -215,8 +237,11 @@ def plot(results: dict, path) -> None:
         ax.set_xlabel("function evaluations (NFE)")
         ax.set_ylabel("max |error| at t1")
         ax.set_title(f"{pname}: work-precision (labels: rtol = atol)")
-        ax.legend()
-    fig.suptitle("Empirical convergence orders of Euler, RK4 and Dormand-Prince 5(4)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7)
+    fig.suptitle(
+        "Empirical convergence orders of Euler, Bogacki-Shampine 3, RK4, Dormand-Prince 5 "
+        "and Tsitouras 5"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
