@@ -131,6 +131,36 @@ def test_float32_gradient_has_no_float64(rng):
     assert gx.dtype == np.float32
 
 
+@pytest.mark.parametrize("cls", [fm.AffineCoupling, fm.AdditiveCoupling])
+@pytest.mark.parametrize(
+    "mask, flip, shape, passes",
+    [
+        # Real NVP's masks, written out: the checkerboard passes pixels with i + j even in every
+        # channel, "channel" the even channels, "half" the first half (flip: the complement)
+        ("checkerboard", False, (2, 3, 4), lambda c, i, j: (i + j) % 2 == 0),
+        ("checkerboard", True, (2, 3, 4), lambda c, i, j: (i + j) % 2 == 1),
+        ("channel", False, (4, 2, 3), lambda c, i, j: c % 2 == 0),
+        ("half", False, (4, 2, 3), lambda c, i, j: c < 2),
+        ("half", True, (4, 2, 3), lambda c, i, j: c >= 2),
+    ],
+)
+def test_named_masks_pass_exactly_the_entries_of_their_definition(
+    rng, cls, mask, flip, shape, passes
+):
+    """With a non-identity conditioner every entry the mask passes through comes out bitwise
+    unchanged, and every other entry moves (by |dy| > 1e-6 here: the conditioner's shift is
+    O(0.1))."""
+    x = rng.normal(size=(3, *shape))
+    layer = cls(mask, (8,), flip=flip)
+    params = layer.init(rng, x)
+    params = fm.train.tree_map(lambda a: a + 0.3 * rng.normal(size=np.shape(a)), params)
+    y, _ = layer.forward(params, x)
+    want = np.fromfunction(np.vectorize(passes), shape, dtype=int).astype(bool)
+    unchanged = np.all(y == x, axis=0)
+    np.testing.assert_array_equal(unchanged, want)
+    assert np.abs(y - x)[:, ~want].min() > 1e-6
+
+
 def test_mask_errors(rng):
     x = rng.normal(size=(2, 6))
     with pytest.raises(ValueError, match="`mask` must be one of 'half'"):
