@@ -674,6 +674,77 @@ MUTATIONS += [
         "return -g_y / (1.001 * rate), [None if x is None else -x / rate for x in g_leaves], f_e",
         ODE,
     ),
+    # -- sixth round: masks, schedules, early stopping, variance formulas, activations ---------
+    Mutation(
+        "MADE hidden masks strict (> for >=): still autoregressive; fewer connections",
+        "flowmath/kernels/made.py",
+        "masks.append((m[None, :] >= prev[:, None]).astype(np.float64))",
+        "masks.append((m[None, :] > prev[:, None]).astype(np.float64))",
+        ("tests/test_autoregressive.py",),
+    ),
+    Mutation(
+        "MADE output mask >= for > (an output sees its own input)",
+        "flowmath/kernels/made.py",
+        "masks.append((out[None, :] > prev[:, None]).astype(np.float64))",
+        "masks.append((out[None, :] >= prev[:, None]).astype(np.float64))",
+        ("tests/test_autoregressive.py",),
+    ),
+    Mutation(
+        "checkerboard mask becomes stripes (still a valid coupling)",
+        "flowmath/layers/coupling.py",
+        "m = np.broadcast_to((ii + jj) % 2 == 0, event_shape).copy()",
+        "m = np.broadcast_to((ii + 2 * jj) % 2 == 0, event_shape).copy()",
+        ("tests/test_coupling.py", "tests/test_contract.py"),
+    ),
+    Mutation(
+        "cosine schedule: the period one step long",
+        "flowmath/train.py",
+        "return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * s / span))",
+        "return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * s / (span + 1)))",
+        ("tests/test_train.py",),
+    ),
+    Mutation(
+        "warm-up one step ahead",
+        "flowmath/train.py",
+        "f *= (step + 1) / self.warmup",
+        "f *= min(1.0, (step + 2) / self.warmup)",
+        ("tests/test_train.py",),
+    ),
+    Mutation(
+        "early stopping one evaluation late",
+        "flowmath/train.py",
+        "if self.patience is not None and self.bad_evals >= self.patience:",
+        "if self.patience is not None and self.bad_evals > self.patience:",
+        ("tests/test_train.py",),
+    ),
+    Mutation(
+        "Gaussian Hutchinson variance 1 % high",
+        "flowmath/estimators/trace.py",
+        "        return 2.0 * fro2\n",
+        "        return 2.02 * fro2\n",
+        (ET, "tests/test_estimators_api.py"),
+    ),
+    Mutation(
+        "LipSwish divisor 1.09 (Lip 1.009 > the table's 1)",
+        "flowmath/activations.py",
+        "LIPSWISH_SCALE = 1.1",
+        "LIPSWISH_SCALE = 1.09",
+        ("tests/test_activations.py", "tests/test_lipschitz.py"),
+    ),
+    Mutation(
+        "Poisson roulette survival one term shifted",
+        "flowmath/estimators/logdet.py",
+        "special.gammainc(np.maximum(k, 1), lam)",
+        "special.gammainc(np.maximum(k, 1) + 1, lam)",
+        (EL, "tests/test_estimators_api.py"),
+    ),
+    Mutation(
+        "variational dequantiser: log q misses the flow's log-det",
+        "flowmath/dequantize.py",
+        "            log_q = log_q - logdet_inv  # log|det J_g(w)| = -log|det J_{g^-1}(eps)|",
+        "            log_q = log_q - 0.999 * logdet_inv  # mutated",
+        ("tests/test_dequantize.py", "tests/test_bits_per_dim.py"),
+    ),
 ]
 
 
