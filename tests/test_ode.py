@@ -304,7 +304,8 @@ def test_non_finite_states_detected():
         (dict(method="rk45"), "`method` must be one of"),
         (dict(adjoint="bogus"), "`adjoint` must be one of"),
         (dict(step_size=0.1), "`step_size` applies to the fixed-step"),
-        (dict(method="rk4", step_size=-0.1), "`step_size` must be finite and >= 0"),
+        (dict(method="rk4", step_size=-0.1), "`step_size` must be finite and > 0"),
+        (dict(method="rk4", step_size=0.0), "`step_size` must be finite and > 0"),
         (dict(max_steps=0), "`max_steps` must be a positive integer"),
     ],
 )

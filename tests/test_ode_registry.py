@@ -595,6 +595,14 @@ def test_dense_output_pytree_dtype_and_refusals():
         plain(0.3)
     with pytest.raises(TypeError, match="`events` must be callables"):
         fm.ode.solve(p.f, p.y0, p.t, p.params, events=[3.0])
+    with pytest.raises(TypeError, match="`events` must be a callable"):
+        fm.ode.solve(p.f, p.y0, p.t, p.params, events=3)
+    with pytest.raises(TypeError, match=r"`events` functions must return a real scalar.*\(2,\)"):
+        fm.ode.solve(p.f, p.y0, p.t, p.params, events=lambda t, y, k: y)
+    with pytest.raises(TypeError, match="`events` functions must return a real scalar"):
+        fm.ode.solve(p.f, p.y0, p.t, p.params, events=lambda t, y, k: "a")
+    with pytest.raises(TypeError, match="`jump_t` must be an array of times"):
+        fm.ode.solve(p.f, p.y0, p.t, p.params, jump_t="a")
 
 
 # settings per method for the gradient sweep, and the bound on the relative gradient error

@@ -150,15 +150,18 @@ class SolverOptions:
                     "(use `step_size`)"
                 )
             if self.step_size is not None:
-                step = check_positive(self.step_size, "step_size", allow_zero=True)
-                if step == 0:
-                    raise ValueError("`step_size` must be > 0; got 0.0")
+                step = check_positive(self.step_size, "step_size")
                 put(self, "step_size", step)
         jt = self.jump_t
         if jt is None or (isinstance(jt, tuple) and not jt):
             put(self, "jump_t", ())
         else:
-            arr = np.asarray(jt, dtype=np.float64).reshape(-1)
+            try:
+                arr = np.asarray(jt, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"`jump_t` must be an array of times (real numbers); got {jt!r}"
+                ) from None
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"`jump_t` must be finite times; got {jt!r}")
             put(self, "jump_t", tuple(float(x) for x in np.unique(arr)))
@@ -290,6 +293,11 @@ def as_events(events) -> tuple:
         return ()
     if callable(events) or isinstance(events, Event):
         events = [events]
+    if isinstance(events, (str, bytes)) or not isinstance(events, (list, tuple)):
+        raise TypeError(
+            "`events` must be a callable fn(t, y, params), an fm.ode.Event or a list of them; "
+            f"got {type(events).__name__} {events!r}"
+        )
     out = []
     for ev in events:
         if not isinstance(ev, Event):

@@ -192,7 +192,18 @@ class _FlatEvent:
                 "differentiated; pass that variable through `params` so that the event time's "
                 "gradient includes it"
             )
-        return float(out)
+        if np.ndim(out) != 0:
+            raise TypeError(
+                f"`events` functions must return a real scalar g(t, y, params); got shape "
+                f"{np.shape(out)}"
+            )
+        try:
+            return float(out)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"`events` functions must return a real scalar g(t, y, params); got "
+                f"{type(out).__name__} {out!r}"
+            ) from None
 
 
 _KEYWORD_DEFAULTS = dict(
