@@ -44,6 +44,7 @@ from __future__ import annotations
 import autograd.numpy as anp
 import numpy as np
 
+from .. import activations as _activations
 from .._checks import check_choice, check_int, check_rng
 from .._xp import array_namespace, getval
 from ..kernels import cnf_mlp1 as _mlp1
@@ -54,7 +55,10 @@ from ..kernels.cnf_tanh import tanh_derivs as _tanh_derivs
 __all__ = ["ACTIVATIONS", "TIME_MODES", "CNFDynamics", "MLPDynamics"]
 
 TIME_MODES = ("concat", "concat-squash")
+#: The hidden activations the fused VJPs implement (entries of
+#: :data:`flowmath.activations.ACTIVATIONS` with a second derivative).
 ACTIVATIONS = ("tanh", "softplus")
+_SOFTPLUS = _activations.ACTIVATIONS["softplus"]
 
 #: One-hidden-layer tanh fields on states of at most this dimension run the fused row-wise
 #: kernels of :mod:`flowmath.kernels.cnf_mlp1` (NumPy float64 only); above it the skinny
@@ -88,14 +92,14 @@ def _act(xp, name, x):
     if name == "tanh":
         # the fused numba kernel (an autograd primitive) for NumPy and autograd; CuPy: its own
         return xp.tanh(x) if xp is not np and xp is not anp else _fast_tanh(x)
-    return xp.logaddexp(0.0, x)  # softplus, overflow-free
+    return _SOFTPLUS.fn(x)  # logaddexp(0, x), overflow-free
 
 
 def _act_np(name, x, order):
     """NumPy ``(sigma, sigma')`` (``order=1``) or ``(sigma, sigma', sigma'')`` in one pass."""
     if name == "tanh":
         return _tanh_derivs(x, order)
-    h = np.logaddexp(0.0, x)
+    h = _SOFTPLUS.fn(x)
     d1, d2 = _act_derivs(np, name, x, h)
     return (h, d1) if order == 1 else (h, d1, d2)
 
@@ -105,7 +109,7 @@ def _act_derivs(xp, name, x, h):
     if name == "tanh":
         d1 = 1.0 - h * h
         return d1, -2.0 * h * d1
-    sig = 0.5 * (1.0 + xp.tanh(0.5 * x))  # logistic sigmoid, overflow-free
+    sig = _SOFTPLUS.derivative(x)  # the logistic sigmoid; softplus'' = sig (1 - sig)
     return sig, sig * (1.0 - sig)
 
 
@@ -166,7 +170,7 @@ class MLPDynamics:
             check_int(h, f"hidden[{i}]", minimum=1)
         self.hidden = tuple(int(h) for h in hidden)
         self.time = check_choice(time, "time", TIME_MODES)
-        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.activation = _activations.check_activation(activation, "activation", ACTIVATIONS)
 
     def __repr__(self) -> str:
         return (
