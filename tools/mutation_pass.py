@@ -405,10 +405,10 @@ MUTATIONS += [
     ),
     Mutation(
         "ELU claimed Lipschitz 0.9",
-        "flowmath/lipschitz.py",
-        '    "elu": (elu, elu_derivative, 1.0),',
-        '    "elu": (elu, elu_derivative, 0.9),',
-        ("tests/test_lipschitz.py", R, REF),
+        "flowmath/activations.py",
+        '    "elu": _A("elu", elu, elu_derivative, None, _elu_from_output, lipschitz=1.0, code=3),',
+        '    "elu": _A("elu", elu, elu_derivative, None, _elu_from_output, lipschitz=0.9, code=3),',
+        ("tests/test_activations.py", "tests/test_lipschitz.py", R, REF),
     ),
     Mutation(
         "dequantisation divides by K + 1",
