@@ -43,6 +43,8 @@ __all__ = [
     "in_child_process",
     "median_ms",
     "median_ratio",
+    "print_ratio_table",
+    "ratio_table",
     "ratios_of",
     "summary",
     "thread_env_defaults",
@@ -235,6 +237,24 @@ def ratios_of(times: Mapping[str, Sequence[float]], name: str) -> dict:
     """``{other: median per-round ratio times[name] / times[other]}`` for every other contender
     of one :func:`alternate` run (``name`` over its floor, over each baseline)."""
     return {other: median_ratio(times[name], ts) for other, ts in times.items() if other != name}
+
+
+def ratio_table(times: Mapping[str, Sequence[float]], name: str = "flowmath") -> dict:
+    """``{row: {"median_ms", "fm_over"}}`` for the output of :func:`alternate`: each row's
+    median and ``name``'s median per-round ratio to it (``fm_over`` is 1 for ``name`` itself)."""
+    ratios = ratios_of(times, name)
+    return {
+        row: {"median_ms": median_ms(ts), "fm_over": ratios.get(row, 1.0)}
+        for row, ts in times.items()
+    }
+
+
+def print_ratio_table(title: str, rows: Mapping[str, Mapping[str, float]]) -> None:
+    """Print a :func:`ratio_table` under ``title``."""
+    print(f"\n{title}")
+    print(f"  {'row':<18s} {'median ms':>10s} {'flowmath / row':>15s}")
+    for row, stats in rows.items():
+        print(f"  {row:<18s} {stats['median_ms']:10.2f} {stats['fm_over']:15.2f}")
 
 
 # -- the benchmarks' command line ---------------------------------------------------------------

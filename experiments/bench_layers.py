@@ -56,8 +56,8 @@ from experiments._timing import (
     alternate,
     bench_main,
     import_baselines,
-    median_ms,
-    ratios_of,
+    print_ratio_table,
+    ratio_table,
     thread_env_defaults,
 )
 
@@ -119,16 +119,6 @@ def _torch_threads(torch, fn, fns: dict, name: str = "torch") -> None:
 
     fns[f"{name}-1t"] = with_threads(1)
     fns[f"{name}-2t"] = with_threads(2)
-
-
-def _table(times: dict, name: str = "flowmath") -> dict:
-    """``{row: {"median_ms", "fm_over"}}``: each row's median and flowmath's median per-round
-    ratio to it (``fm_over`` is 1 for flowmath itself)."""
-    ratios = ratios_of(times, name)
-    return {
-        row: {"median_ms": median_ms(ts), "fm_over": ratios.get(row, 1.0)}
-        for row, ts in times.items()
-    }
 
 
 # -- W5 -------------------------------------------------------------------------------------------
@@ -303,8 +293,8 @@ def bench_w5(rounds: int = 7) -> dict:
             grads["zuko-2t"], samples["zuko-2t"] = (
                 lambda f=f: (torch.set_num_threads(2), f()) for f in z
             )
-    result["grad"] = _table(_alternate(grads, rounds))
-    result["sample"] = _table(_alternate(samples, rounds))
+    result["grad"] = ratio_table(_alternate(grads, rounds))
+    result["sample"] = ratio_table(_alternate(samples, rounds))
     return result
 
 
@@ -391,7 +381,7 @@ def bench_w7(rounds: int = 15) -> dict:
         for k in ("1t", "2t"):
             if f"torch-{key}-{k}" in times:
                 rows[f"torch-{k}"] = times[f"torch-{key}-{k}"]
-        result[key] = _table(rows)
+        result[key] = ratio_table(rows)
     return result
 
 
@@ -657,8 +647,8 @@ def bench_glow_step(rounds: int = 7) -> dict:
         )
         _torch_threads(torch, t_fwd, fwd)
         _torch_threads(torch, t_grad, grad)
-    result["forward"] = _table(_alternate(fwd, rounds))
-    result["grad"] = _table(_alternate(grad, rounds))
+    result["forward"] = ratio_table(_alternate(fwd, rounds))
+    result["grad"] = ratio_table(_alternate(grad, rounds))
     return result
 
 
@@ -834,25 +824,18 @@ def bench_convs(rounds: int = 7) -> dict:
         for k in ("1t", "2t"):
             if f"torch-{name}-{k}" in times:
                 rows[f"torch-{k}"] = times[f"torch-{name}-{k}"]
-        result[name]["forward"] = _table(rows)
+        result[name]["forward"] = ratio_table(rows)
     return result
 
 
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def _print_table(title, rows):
-    print(f"\n{title}")
-    print(f"  {'row':<18s} {'median ms':>10s} {'flowmath / row':>15s}")
-    for name, stats in rows.items():
-        print(f"  {name:<18s} {stats['median_ms']:10.2f} {stats['fm_over']:15.2f}")
-
-
 def w5(rounds: int = 7, threads: int = THREADS) -> dict:
     """W5: RealNVP d = 784, log_prob + gradient of its mean, and sampling (float32)."""
     out = bench_w5(rounds)
-    _print_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32)", out["grad"])
-    _print_table("W5 RealNVP d=784, sample 256 (float32)", out["sample"])
+    print_ratio_table("W5 RealNVP d=784, log_prob + grad of mean (batch 256, float32)", out["grad"])
+    print_ratio_table("W5 RealNVP d=784, sample 256 (float32)", out["sample"])
     if "loglik_rel_diff_vs_torch" in out:
         print(
             f"  log-likelihood flowmath vs torch twin: rel. diff "
@@ -865,15 +848,15 @@ def w7(rounds: int = 15, threads: int = THREADS) -> dict:
     """W7: Glow's 1x1 convolution on 256 x 48 x 16 x 16, forward + log-det (LU and slogdet)."""
     out = bench_w7(max(rounds, 15))
     for key in ("LU", "slogdet"):
-        _print_table(f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key})", out[key])
+        print_ratio_table(f"W7 1x1 conv 256x48x16x16 float32, forward + log-det ({key})", out[key])
     return out
 
 
 def glow(rounds: int = 7, threads: int = THREADS) -> dict:
     """A Glow step on 256 x 12 x 16 x 16: forward + log-det, and loss + gradient (float32)."""
     out = bench_glow_step(rounds)
-    _print_table("Glow step 256x12x16x16 float32, forward + log-det", out["forward"])
-    _print_table("Glow step 256x12x16x16 float32, mean log-likelihood + gradient", out["grad"])
+    print_ratio_table("Glow step 256x12x16x16 float32, forward + log-det", out["forward"])
+    print_ratio_table("Glow step 256x12x16x16 float32, mean log-likelihood + gradient", out["grad"])
     print(
         "  vs floor: loss rel. diff {loss_rel_diff_vs_floor:.1e}, gradient max rel. diff "
         "{grad_max_rel_diff_vs_floor:.1e}".format(**out)
@@ -890,7 +873,7 @@ def convs(rounds: int = 7, threads: int = THREADS) -> dict:
         "actnorm": "ActNorm",
     }
     for name, title in titles.items():
-        _print_table(f"{title} 256x12x16x16 float32, forward + log-det", out[name]["forward"])
+        print_ratio_table(f"{title} 256x12x16x16 float32, forward + log-det", out[name]["forward"])
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in out[name].items() if k != "forward")
         print(f"  {diffs}")
     return out

@@ -32,8 +32,15 @@ from __future__ import annotations
 import numpy as np
 
 import flowmath as fm
-from experiments._timing import alternate, bench_main, clock, import_baselines
-from experiments.bench_layers import _print_table, _table, _torch_threads
+from experiments._timing import (
+    alternate,
+    bench_main,
+    clock,
+    import_baselines,
+    print_ratio_table,
+    ratio_table,
+)
+from experiments.bench_layers import _torch_threads
 from flowmath.lipschitz import certified_spectral_norm
 
 D, HIDDEN, BATCH, COEFF, N_TERMS, TOL = 784, 1568, 256, 0.9, 10, 1e-6
@@ -195,8 +202,8 @@ def w6(rounds: int = 5, threads: int = 2) -> dict:
     tables = {}
     for name, fns in workloads.items():
         # one warm-up call each, then rounds A B C D, D C B A, ...
-        tables[name] = _table(alternate(fns, rounds, mirror=True))
-        _print_table(f"W6 {name} (float32)", tables[name])
+        tables[name] = ratio_table(alternate(fns, rounds, mirror=True))
+        print_ratio_table(f"W6 {name} (float32)", tables[name])
     print("(flowmath / row = median over alternating rounds; target <= 1.5 over the floor)")
     return tables
 

@@ -38,8 +38,8 @@ from experiments._timing import (
     alternate,
     bench_main,
     import_baselines,
-    median_ms,
-    ratios_of,
+    print_ratio_table,
+    ratio_table,
     thread_env_defaults,
 )
 
@@ -177,18 +177,12 @@ def w9(rounds: int = 15, threads: int = 1, activation: str = "tanh") -> dict:
         if z is not None:
             fns[f"zuko-{threads}t"] = z
     times = alternate(fns, rounds, warmup=3, min_time=0.05, mirror=True)
-    ratios = ratios_of(times, "flowmath")
-    result["rows"] = {
-        name: {"median_ms": median_ms(ts), "fm_over": ratios.get(name, 1.0)}
-        for name, ts in times.items()
-    }
-    print(
+    result["rows"] = ratio_table(times)
+    print_ratio_table(
         f"W9 RealNVP d=2, 8 couplings, MLP 1-64-64-2 ({activation}), batch 256, float64: "
-        "loss + gradient"
+        "loss + gradient",
+        result["rows"],
     )
-    print(f"  {'row':<12s} {'median ms':>10s} {'flowmath / row':>15s}")
-    for name, row in result["rows"].items():
-        print(f"  {name:<12s} {row['median_ms']:10.2f} {row['fm_over']:15.2f}")
     if "loss_rel_diff_vs_torch" in result:
         print(f"  loss flowmath vs torch twin: rel. diff {result['loss_rel_diff_vs_torch']:.1e}")
     return result

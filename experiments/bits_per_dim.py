@@ -350,7 +350,7 @@ def train_one(run: dict) -> dict:
         )
 
     start = time.perf_counter()
-    bits = -_batched(test_logp, xt) / (d * math.log(2.0))
+    bits = dq.bits_per_dim(_batched(test_logp, xt), d)
     out = {
         "model": name,
         "data": data,
@@ -382,7 +382,7 @@ def train_one(run: dict) -> dict:
                 params=params.get("q"),
             )
 
-        iw = -_batched(iw_logp, xt, size=50) / (d * math.log(2.0))
+        iw = dq.bits_per_dim(_batched(iw_logp, xt, size=50), d)
         out["iw_bpd"] = float(iw.mean())
         out["iw_se"] = float(iw.std(ddof=1) / math.sqrt(len(iw)))
         out["iw_samples"] = run["iw_samples"]

@@ -99,3 +99,17 @@ def test_jsonable_turns_numpy_into_plain_values():
     got = _timing._jsonable({1: np.float32(0.5), "a": (np.arange(2), None), "b": object()})
     assert got["1"] == 0.5 and got["a"] == [[0, 1], None] and isinstance(got["b"], str)
     json.dumps(got)
+
+
+def test_ratio_table_is_the_median_of_per_round_ratios(capsys):
+    """flowmath 2, 3, 10 ms against a floor of 1, 3, 2 ms: the per-round ratios are 2, 1, 5, so
+    fm_over is their median 2 (the ratio of the medians, 3 / 2 = 1.5, would be wrong)."""
+    times = {"flowmath": [0.002, 0.003, 0.010], "floor": [0.001, 0.003, 0.002]}
+    table = _timing.ratio_table(times)
+    assert table["flowmath"]["fm_over"] == 1.0
+    assert table["flowmath"]["median_ms"] == pytest.approx(3.0, rel=1e-12)
+    assert table["floor"]["median_ms"] == pytest.approx(2.0, rel=1e-12)
+    assert table["floor"]["fm_over"] == pytest.approx(2.0, rel=1e-12)
+    _timing.print_ratio_table("T", table)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "T" and out[-1].split() == ["floor", "2.00", "2.00"]
