@@ -20,23 +20,20 @@ import numpy as np
 
 __all__ = ["count_nonfinite", "count_nonfinite_reference"]
 
-_EXP32 = np.uint32(0x7F800000)
-_EXP64 = np.uint64(0x7FF0000000000000)
+#: The exponent bits of float32 / float64: all set means inf or NaN.
+_EXP = {
+    np.dtype(np.float32): np.uint32(0x7F800000),
+    np.dtype(np.float64): np.uint64(0x7FF0000000000000),
+}
+_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 
 
 @numba.njit(cache=True, nogil=True)
-def _count32(bits):
+def _count(bits, exp):
+    """Entries of ``bits`` (the floats viewed as unsigned integers) whose exponent is ``exp``."""
     count = 0
     for i in range(bits.size):
-        count += (bits[i] & _EXP32) == _EXP32
-    return count
-
-
-@numba.njit(cache=True, nogil=True)
-def _count64(bits):
-    count = 0
-    for i in range(bits.size):
-        count += (bits[i] & _EXP64) == _EXP64
+        count += (bits[i] & exp) == exp
     return count
 
 
@@ -48,8 +45,7 @@ def count_nonfinite_reference(x) -> int:
 def count_nonfinite(x) -> int:
     """Number of NaN or infinite entries of the array ``x`` (0 for integer arrays)."""
     if isinstance(x, np.ndarray) and x.flags.c_contiguous and x.size:
-        if x.dtype == np.float32:
-            return int(_count32(x.reshape(-1).view(np.uint32)))
-        if x.dtype == np.float64:
-            return int(_count64(x.reshape(-1).view(np.uint64)))
+        exp = _EXP.get(x.dtype)
+        if exp is not None:
+            return int(_count(x.reshape(-1).view(_UINT[x.dtype]), exp))
     return count_nonfinite_reference(x)
