@@ -471,7 +471,7 @@ def _workload(fn, doc: str):
         kwargs = {"dims": (2, 8, 32, 128)} if quick and fn is w4 else {}
         res = fn(3 if quick else rounds, torch, tdq, **kwargs)
         show = _print_all if fn in (w1, w2) else _print
-        show(f"{run.id}  (alternating rounds: {3 if quick else rounds})", res)
+        show(f"{fn.__name__.upper()}  (alternating rounds: {3 if quick else rounds})", res)
         return res
 
     run.__doc__ = doc
@@ -485,8 +485,6 @@ WORKLOADS = {
     "W3": _workload(w3, "W3: one training step of a 2-D CNF with the exact divergence."),
     "W4": _workload(w4, "W4: CNF forward solve with a Hutchinson trace against dimension d."),
 }
-for _id, _run in WORKLOADS.items():
-    _run.id = _id
 
 
 def run_benchmarks(only=("W1", "W2", "W3", "W4"), rounds=7, quick=False, threads=2):
